@@ -1,0 +1,36 @@
+# `make study` and `make test` each create .venv and install the project first (once; a no-op after).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# The torch build to install when the venv has none. Override for your platform/CUDA, e.g.
+#   make study TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu124"
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+PARAMS ?= params/demo.yaml
+RUNS   ?= runs
+
+.PHONY: install study test lab clean-runs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e .
+	touch $(STAMP)
+
+# the main job: the whole demo study on embedded synthetic data, then the tables and the results notebook
+study: $(STAMP)
+	$(BIN)/study run $(PARAMS) --runs $(RUNS)
+
+# unit tests, then nbval over every notebook (lax: only cells marked NBVAL_CHECK_OUTPUT are compared)
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+clean-runs:
+	rm -rf $(RUNS)

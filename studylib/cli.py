@@ -1,0 +1,125 @@
+"""The `study` command: info, data synth, plan, run, results."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_info(args) -> int:
+    from .model import layer_summary
+    print(layer_summary(args.model))
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from .datasets import synth_spec
+    from .synth import write_synthetic
+    spec = synth_spec({k: v for k, v in vars(args).items()
+                       if k in ("seed", "pets", "unlabeled", "intel_train_per_class", "intel_test_per_class")
+                       and v is not None})
+    for name, path in write_synthetic(args.root, spec, progress=True).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import config, grid
+    from .runner import is_done
+    cfg = config.load(args.params)
+    runs = grid.plan(cfg)
+    for r in runs:
+        state = "done" if is_done(r.dir(args.runs)) else ("failed" if (r.dir(args.runs) / "error.json").exists()
+                                                          else "todo")
+        print(f"{state:7s} {r.describe()}")
+    counts = {s: sum(r.stage == s for r in runs) for s in grid.STAGES}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import config, grid, runner
+    cfg = config.load(args.params)
+    plan = grid.plan(cfg)
+    device = args.device or cfg.device
+    print(f"{cfg.name}: {len(plan)} stage runs ({', '.join(f'{sum(r.stage == s for r in plan)} {s}' for s in grid.STAGES)})"
+          f" into {args.runs}/")
+    summary = runner.execute(plan, args.runs, device=device, cache=cfg.data.cache, workers=args.workers or cfg.workers)
+    print(summary.line())
+    from .results import collect, format_tables
+    print()
+    print(format_tables(collect(args.runs, plan)))
+    if not args.no_notebook:
+        out = write_results_notebook(args.runs, args.params, cfg.name)
+        print(f"\nresults notebook: {out}")
+    if not summary.ok:
+        for rid in summary.failed:
+            print(f"failed: {rid} (see {args.runs}/*/{rid}/error.json)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_results_notebook(runs: str, params: str, name: str) -> Path:
+    import papermill as pm
+
+    from .runner import NOTEBOOK_DIR
+    out = Path(runs) / f"results-{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOK_DIR / "results.ipynb"), str(out), kernel_name="python3", progress_bar=False,
+                        parameters={"runs_dir": str(Path(runs).resolve()), "params_file": str(Path(params).resolve())})
+    return out
+
+
+def cmd_results(args) -> int:
+    from . import config, grid
+    from .results import collect, format_tables
+    plan = grid.plan(config.load(args.params)) if args.params else None
+    print(format_tables(collect(args.runs, plan)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="study", description="The ViNy self-supervised learning study.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("info", help="layer summary and exact parameter count of a model")
+    s.add_argument("model", nargs="?", default="viny")
+    s.set_defaults(fn=cmd_info)
+
+    d = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("synth", help="write the synthetic datasets in the real layouts")
+    s.add_argument("root")
+    for flag in ("seed", "pets", "unlabeled", "intel-train-per-class", "intel-test-per-class"):
+        s.add_argument(f"--{flag}", type=int)
+    s.set_defaults(fn=cmd_data_synth)
+
+    for name, fn, text in (("plan", cmd_plan, "list the runs of a study and their state"),
+                           ("run", cmd_run, "run every unfinished stage run of a study")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("params", help="parameter file, e.g. params/demo.yaml")
+        s.add_argument("--runs", default="runs", help="run store (default: runs/)")
+        if name == "run":
+            s.add_argument("--device", choices=["auto", "cpu", "cuda"])
+            s.add_argument("--workers", type=int, help="stage runs at once (default: the file's `workers`)")
+            s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("results", help="the paper's tables from the finished runs")
+    s.add_argument("params", nargs="?", help="only the runs of this parameter file")
+    s.add_argument("--runs", default="runs")
+    s.set_defaults(fn=cmd_results)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ParamError
+    from .data import DataError
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ParamError, DataError, FileNotFoundError) as e:
+        print(f"study: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Where a study's data lives: the real folders, or synthetic data generated on first use."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .config import DataConfig, build
+from .data import default_cache_dir
+from .synth import SynthSpec, write_synthetic
+
+
+@dataclass
+class DataPaths:
+    pets: Path
+    intel: Path
+    images: Path
+    cache: Path
+
+
+def synth_spec(values: dict) -> SynthSpec:
+    valid = [f.name for f in fields(SynthSpec)]
+    unknown = set(values) - set(valid)
+    if unknown:
+        raise ValueError(f"unknown parameter data.synth.{sorted(unknown)[0]}; valid: {', '.join(valid)}")
+    return SynthSpec(**values)
+
+
+def default_synth_root(spec: SynthSpec) -> Path:
+    import hashlib
+    import json
+    from dataclasses import asdict
+    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    return default_cache_dir() / f"synth-{key}"
+
+
+def resolve_data(data: dict | None) -> DataPaths:
+    """Data section (as in a parameter file) -> dataset folders, generating synthetic data if needed."""
+    d = build(DataConfig, data or {}, "data")
+    cache = Path(d.cache) if d.cache else default_cache_dir()
+    if d.kind == "synthetic":
+        spec = synth_spec(d.synth)
+        root = Path(d.root) if d.root else default_synth_root(spec)
+        out = write_synthetic(root, spec)
+        return DataPaths(out["pets"], out["intel"], out["images"], cache)
+    return DataPaths(Path(d.pets), Path(d.intel), Path(d.images), cache)

@@ -1,0 +1,74 @@
+"""Expand a study's grid into a plan: a list of stage runs in dependency order.
+
+A run's id is a hash of its stage, its resolved parameters and its parent's id, so identical work
+gets the same id (an intermediate run is shared by every downstream run of its encoder and seed,
+and a finished run is never redone), while any change of a parameter or an ancestor makes a new id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import StudyConfig
+
+STAGES = ("pretrain", "intermediate", "segment")
+NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.ipynb", "segment": "03_segment.ipynb"}
+
+
+@dataclass
+class Run:
+    stage: str
+    params: dict                  # what the stage notebook receives (besides run_dir, parent_dir, device)
+    parent: "Run | None" = None
+    labels: dict = field(default_factory=dict)   # where the run sits in the grid, for the tables
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({"stage": self.stage, "params": self.params,
+                           "parent": self.parent.id if self.parent else None}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def dir(self, runs: str | Path) -> Path:
+        return Path(runs) / self.stage / self.id
+
+    def describe(self) -> str:
+        bits = [f"{k}={v}" for k, v in self.labels.items()]
+        return f"{self.stage}/{self.id} ({', '.join(bits)})"
+
+
+def _data_identity(cfg: StudyConfig) -> dict:
+    """The data section without the cache location, which does not change results."""
+    d = asdict(cfg.data)
+    d.pop("cache")
+    return d
+
+
+def plan(cfg: StudyConfig) -> list[Run]:
+    """All runs of the grid, each once, parents before children."""
+    common = {"model": cfg.model, "data": _data_identity(cfg)}
+    runs: dict[str, Run] = {}
+
+    def add(run: Run) -> Run:
+        return runs.setdefault(run.id, run)
+
+    g = cfg.grid
+    for seed in g.seeds:
+        for p_size in g.pretrain_sizes:
+            pre = None
+            if p_size:
+                pre = add(Run("pretrain", {**common, "settings": asdict(cfg.pretrain), "size": p_size, "seed": seed},
+                              labels={"pretrain_size": p_size, "seed": seed}))
+            for inter in g.intermediate:
+                if inter and pre is None:
+                    continue          # the intermediate stage is only applied to pre-trained encoders
+                parent = pre
+                if inter:
+                    parent = add(Run("intermediate", {**common, "settings": asdict(cfg.intermediate), "seed": seed},
+                                     parent=pre, labels={"pretrain_size": p_size, "seed": seed}))
+                for f_size in g.finetune_sizes:
+                    add(Run("segment", {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
+                            parent=parent, labels={"protocol": cfg.protocol, "pretrain_size": p_size,
+                                                   "intermediate": inter, "finetune_size": f_size, "seed": seed}))
+    return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))

@@ -1,0 +1,33 @@
+"""Masked image modelling: per-sample random masks and the L1 loss on masked patches."""
+from __future__ import annotations
+
+import torch
+
+from .model import patchify
+
+
+def random_masks(batch: int, grid: int, unit: int, ratio: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """Bool masks [B, grid*grid] (True = masked). Masking works on square units of `unit` x `unit`
+    patches (unit 1 = the paper's 16 px at patch 16; unit 2 = canonical SimMIM's 32 px); exactly
+    round(ratio * units) units are masked in every image, chosen independently per image."""
+    if grid % unit:
+        raise ValueError(f"mask unit of {unit} patches does not tile a {grid}x{grid} grid")
+    m = grid // unit
+    k = int(round(ratio * m * m))
+    rank = torch.rand(batch, m * m, generator=g).argsort(dim=1).argsort(dim=1)
+    units = (rank < k).view(batch, m, m)
+    patches = units.repeat_interleave(unit, dim=1).repeat_interleave(unit, dim=2)   # [B, grid, grid]
+    return patches.reshape(batch, grid * grid)
+
+
+def mim_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch: int,
+             per_masked_count: bool = False) -> torch.Tensor:
+    """Mean absolute error over the pixels of masked patches. pred [B, N, p*p*3], imgs [B, 3, H, W]
+    (already normalised), mask [B, N]. `per_masked_count` reproduces the authors' extra division by
+    the number of masked patches per image."""
+    target = patchify(imgs, patch)
+    m = mask.to(pred.dtype)
+    loss = ((pred - target).abs().mean(dim=-1) * m).sum() / m.sum().clamp(min=1)
+    if per_masked_count:
+        loss = loss / (m.sum() / len(m)).clamp(min=1)
+    return loss

@@ -1,0 +1,90 @@
+"""Plotly figures for the notebooks: one function per picture a researcher wants to see."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD
+from .model import patchify, unpatchify
+from .results import arm_label, summary
+
+# trimap classes: pet, background, boundary
+CLASS_COLOURS = np.array([[230, 120, 40], [40, 60, 110], [250, 240, 180]], dtype=np.uint8)
+
+
+def _to_uint8(x: torch.Tensor, normalized: bool) -> np.ndarray:
+    """[3, H, W] float (normalised or in [0, 1]) or uint8 -> [H, W, 3] uint8 for display."""
+    if x.dtype == torch.uint8:
+        return x.permute(1, 2, 0).numpy()
+    if normalized:
+        x = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def _grid(rows: list[list[np.ndarray]], col_titles: list[str], height_per_row: int = 150) -> go.Figure:
+    fig = make_subplots(rows=len(rows), cols=len(col_titles), column_titles=col_titles,
+                        horizontal_spacing=0.01, vertical_spacing=0.01)
+    for r, row in enumerate(rows, 1):
+        for c, img in enumerate(row, 1):
+            fig.add_trace(go.Image(z=img), row=r, col=c)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(height=height_per_row * len(rows) + 60, margin=dict(l=5, r=5, t=40, b=5))
+    return fig
+
+
+def reconstructions(examples: dict, n: int = 4) -> go.Figure:
+    """Original, masked input and reconstruction (visible patches pasted back) for n images."""
+    x, mask, pred, p = examples["images"][:n], examples["mask"][:n], examples["pred"][:n], examples["patch"]
+    patches = patchify(x, p)
+    m = mask.unsqueeze(-1).float()
+    masked = unpatchify(patches * (1 - m) + m * patches.min(), p, 3)
+    recon = unpatchify(patches * (1 - m) + pred * m, p, 3)
+    rows = [[_to_uint8(t[i], True) for t in (x, masked, recon)] for i in range(len(x))]
+    return _grid(rows, ["image", "masked input", "reconstruction"])
+
+
+def confusion(examples: dict) -> go.Figure:
+    """Row-normalised confusion matrix of the scene classifier on the test split."""
+    cm = np.array(examples["confusion"], dtype=float)
+    rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig = go.Figure(go.Heatmap(z=rates, x=examples["classes"], y=examples["classes"], colorscale="Blues",
+                               text=cm.astype(int), texttemplate="%{text}", zmin=0, zmax=1))
+    fig.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed",
+                      height=420, width=480, margin=dict(t=30))
+    return fig
+
+
+def colour_trimap(m: torch.Tensor) -> np.ndarray:
+    return CLASS_COLOURS[m.long().numpy()]
+
+
+def segmentations(examples: dict, n: int = 6) -> go.Figure:
+    """Test image, true trimap, prediction and its errors (white = wrong) for n images."""
+    rows = []
+    for img, true, pred in list(zip(examples["images"], examples["masks"], examples["pred"]))[:n]:
+        err = np.repeat(((pred != true.long()).numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
+        rows.append([_to_uint8(img, False), colour_trimap(true), colour_trimap(pred), err])
+    return _grid(rows, ["image", "trimap", "prediction", "errors"])
+
+
+def training_curve(history: list[dict], title: str = "training loss") -> go.Figure:
+    fig = go.Figure(go.Scatter(x=[h["epoch"] for h in history], y=[h["loss"] for h in history], mode="lines+markers"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss", height=300)
+    return fig
+
+
+def scaling_curves(df: pd.DataFrame, metric: str = "miou", label: str = "mIoU %") -> go.Figure:
+    """The study's main picture: metric against fine-tune size (log axis), one line per arm,
+    error bars = std over seeds."""
+    s = summary(df, metric)
+    fig = go.Figure()
+    for (p, inter), sub in s.groupby(["pretrain_size", "intermediate"]):
+        fig.add_trace(go.Scatter(x=sub.finetune_size, y=sub["mean"], error_y=dict(type="data", array=sub["std"]),
+                                 mode="lines+markers", name=arm_label(p, inter),
+                                 line=dict(dash="dash" if inter else "solid")))
+    fig.update_layout(xaxis_type="log", xaxis_title="labelled fine-tune images", yaxis_title=label, height=420)
+    return fig

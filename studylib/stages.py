@@ -1,0 +1,260 @@
+"""The three stages of the study. Each stage notebook calls one function here.
+
+    pretrain(...)      masked image modelling on unlabeled images          -> encoder.safetensors
+    intermediate(...)  CLS scene classification on Intel (optional)       -> encoder.safetensors
+    segment(...)       per-patch trimap segmentation on Oxford-IIIT Pet    -> metrics.json
+
+A stage writes into its run folder: params.json, train_log.jsonl, a resumable checkpoint while it
+trains, then encoder.safetensors + head.safetensors and, last of all, metrics.json (the marker that
+the run is finished). Calling a stage on a finished folder trains nothing and re-reads the results.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from . import augment as A
+from .config import IntermediateConfig, PretrainConfig, SegmentConfig, build
+from .data import PET_CLASSES, load_images, load_intel, load_pets, nested_subset
+from .datasets import resolve_data
+from .metrics import ClassificationMeter, SegmentationMeter
+from .mim import mim_loss, random_masks
+from .model import Classifier, MaskedImageModel, Segmenter, build_encoder
+from .store import atomic_write_bytes, atomic_write_json, read_json
+from .train import CHECKPOINT, Schedule, fit, load_encoder, resolve_device, save_encoder
+
+EVAL_BATCH = 256
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    examples: dict = field(default_factory=dict)     # tensors for the stage's picture
+
+
+# ---------------------------------------------------------------- shared plumbing
+
+def _run_dir(run_dir: str) -> Path:
+    return Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="studylib-run-"))
+
+
+def _schedule(s) -> Schedule:
+    return Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay, list(s.milestones), s.gamma)
+
+
+def _encoder(model: str, parent_dir: str, seed: int):
+    """A fresh encoder (seeded init) or the parent run's trained one."""
+    torch.manual_seed(seed)
+    if parent_dir:
+        return load_encoder(Path(parent_dir) / "encoder.safetensors")
+    return build_encoder(model)
+
+
+def _finish(run_dir: Path, task: torch.nn.Module, metrics: dict, meta: dict) -> None:
+    """Write weights, then metrics.json last (the 'finished' marker), then drop the optimizer state."""
+    save_encoder(run_dir / "encoder.safetensors", task.encoder, meta)
+    head = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if not k.startswith("encoder.")}
+    atomic_write_bytes(run_dir / "head.safetensors", save(head))
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+
+
+def _restore(run_dir: Path, task: torch.nn.Module) -> None:
+    task.encoder.load_state_dict(load_encoder(run_dir / "encoder.safetensors").state_dict())
+    task.load_state_dict(load_file(run_dir / "head.safetensors"), strict=False)
+
+
+def _is_finished(run_dir: Path) -> bool:
+    return all((run_dir / f).exists() for f in ("metrics.json", "encoder.safetensors", "head.safetensors"))
+
+
+@torch.no_grad()
+def _batched(fn, n: int, bs: int = EVAL_BATCH):
+    for i in range(0, n, bs):
+        yield i, fn(slice(i, min(n, i + bs)))
+
+
+# ---------------------------------------------------------------- stage 1: masked image modelling
+
+def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
+             size: int = 64, seed: int = 0, device: str = "auto") -> StageResult:
+    """SimMIM pre-training of a fresh encoder on `size` unlabeled images."""
+    s = build(PretrainConfig, settings or {}, "pretrain")
+    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    task = MaskedImageModel(_encoder(model, "", seed))
+    cfg = task.encoder.cfg
+    images = load_images(paths.images, size, cfg.img_size, seed, paths.cache)
+    unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
+
+    def batch(idx, g, boxes=None):
+        x = A.to_float(images[idx].to(dev))
+        boxes = A.random_resized_crop_boxes(len(x), tuple(s.crop_scale), g=g) if boxes is None else boxes
+        flips = A.random_flips(len(x), g) if g is not None else torch.zeros(len(x), dtype=torch.bool)
+        x = A.normalize(A.warp_images(x, A.affine_grid(boxes, flips, cfg.img_size, dev)))
+        return x, random_masks(len(x), cfg.grid, unit, s.mask_ratio, g).to(dev)
+
+    def step(idx, g):
+        x, mask = batch(idx, g)
+        return mim_loss(task(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count)
+
+    t0 = time.time()
+    history = [] if _is_finished(run_dir) else fit(task, step, len(images), _schedule(s), seed, run_dir, dev, "pretrain")
+    if _is_finished(run_dir):
+        _restore(run_dir, task)
+    task.to(dev).eval()
+    # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.arange(min(len(images), EVAL_BATCH))
+    with torch.no_grad():
+        x, mask = batch(idx, g, boxes=A.full_boxes(len(idx)))
+        pred = task(x, mask)
+        eval_loss = mim_loss(pred, x, mask, cfg.patch_size).item()
+    examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
+    if _is_finished(run_dir):
+        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
+    metrics = {"stage": "pretrain", "images": len(images), "epochs": s.epochs, "final_train_loss": history[-1]["loss"],
+               "eval_masked_l1": eval_loss, "train_seconds": round(time.time() - t0, 2), "device": str(dev)}
+    _finish(run_dir, task, metrics, {"stage": "pretrain", "images": len(images)})
+    return StageResult(run_dir, metrics, history, examples)
+
+
+# ---------------------------------------------------------------- stage 2: scene classification
+
+def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None,
+                 settings: dict | None = None, parent_dir: str = "", seed: int = 0,
+                 device: str = "auto") -> StageResult:
+    """Fine-tune the encoder (through its CLS token) to classify Intel scenes."""
+    s = build(IntermediateConfig, settings or {}, "intermediate")
+    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    enc = _encoder(model, parent_dir, seed)
+    S = enc.cfg.img_size
+    train, test = load_intel(paths.intel, "train", S, paths.cache), load_intel(paths.intel, "test", S, paths.cache)
+    task = Classifier(enc, len(train.classes))
+    K = len(train.classes)
+
+    def step(idx, g):
+        x = A.to_float(train.images[idx].to(dev))
+        grid = A.affine_grid(A.full_boxes(len(x)), A.random_flips(len(x), g), S, dev)
+        x = A.adjust_contrast(A.warp_images(x, grid), A.contrast_factors(len(x), s.contrast, g))
+        x, y = A.mixup(A.normalize(x), train.labels[idx].to(dev), K, s.mixup_alpha, g)
+        return torch.sum(-y * F.log_softmax(task(x).float(), dim=-1), dim=-1).mean()
+
+    t0 = time.time()
+    finished = _is_finished(run_dir)
+    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, "intermediate")
+    if finished:
+        _restore(run_dir, task)
+    task.to(dev).eval()
+    meter = ClassificationMeter(K)
+    for i, logits in _batched(lambda sl: task(A.normalize(A.to_float(test.images[sl].to(dev)))), len(test)):
+        meter.update(logits.float().cpu(), test.labels[i:i + len(logits)])
+    result = meter.compute()
+    examples = {"confusion": result["confusion_matrix"], "classes": train.classes}
+    if finished:
+        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
+    metrics = {"stage": "intermediate", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
+               "top1": result["top1"], "confusion_matrix": result["confusion_matrix"], "classes": train.classes,
+               "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
+               "device": str(dev)}
+    _finish(run_dir, task, metrics, {"stage": "intermediate"})
+    return StageResult(run_dir, metrics, history, examples)
+
+
+# ---------------------------------------------------------------- stage 3: trimap segmentation
+
+def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_size: int):
+    """Train and test sets. 'official': train = a seeded nested subset of trainval, test = a fixed
+    subset of test.txt (the same for every fine-tune size and seed). 'pooled' (the paper): trainval
+    and test pooled, one seeded permutation, train = the first n, test = the next test_size, so the
+    test set moves with the fine-tune size."""
+    trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache)
+    test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache)
+    if s.split == "pooled":
+        pool = _concat(trainval, test)
+        if n_train + s.test_size > len(pool):
+            raise ValueError(f"segment: {n_train} train + {s.test_size} test images requested but the pooled "
+                             f"Pets data holds {len(pool)}; lower grid.finetune_sizes or segment.test_size")
+        perm = nested_subset(len(pool), len(pool), seed)
+        return pool.subset(perm[:n_train]), pool.subset(perm[n_train:n_train + s.test_size])
+    if n_train > len(trainval):
+        raise ValueError(f"segment: fine-tune size {n_train} is larger than trainval ({len(trainval)} images); "
+                         f"lower grid.finetune_sizes")
+    if s.test_size > len(test):
+        raise ValueError(f"segment.test_size {s.test_size} is larger than test.txt ({len(test)} images); lower it")
+    return trainval.subset(nested_subset(len(trainval), n_train, seed)), test.subset(nested_subset(len(test), s.test_size, 0))
+
+
+def _concat(a, b):
+    from .data import SegData
+    return SegData(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), a.names + b.names,
+                   torch.cat([a.labels, b.labels]))
+
+
+def _seg_aug_params(n: int, s: SegmentConfig, g: torch.Generator) -> dict:
+    return {"flip": A.random_flips(n, g), "contrast": A.contrast_factors(n, s.contrast, g)}
+
+
+def _seg_apply(images, masks, p: dict, s: SegmentConfig, dev, augment: bool = True):
+    """Joint image+trimap transform: one flip grid for both, contrast on the image only."""
+    x, y = A.to_float(images.to(dev)), masks.to(dev).long()
+    if augment:
+        grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], x.shape[-1], dev)
+        x, y = A.warp_images(x, grid), A.warp_labels(y, grid)
+        x = A.adjust_contrast(x, p["contrast"])
+    return (A.normalize(x) if s.normalize else x), y
+
+
+def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
+            parent_dir: str = "", size: int = 32, seed: int = 0, device: str = "auto") -> StageResult:
+    """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""
+    s = build(SegmentConfig, settings or {}, "segment")
+    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    enc = _encoder(model, parent_dir, seed)
+    train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
+    task = Segmenter(enc, len(PET_CLASSES))
+    # the paper froze one random augmentation per image for all epochs (and the test set)
+    frozen = _seg_aug_params(len(train), s, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
+
+    def step(idx, g):
+        p = {k: v[idx] for k, v in frozen.items()} if frozen else _seg_aug_params(len(idx), s, g)
+        x, y = _seg_apply(train.images[idx], train.masks[idx], p, s, dev)
+        logits = task(x).float()                                          # [B, K, H, W]
+        if s.spatial_log_softmax:    # the authors' extra normalisation over the pixel axis
+            logits = F.log_softmax(logits.flatten(2), dim=2).view_as(logits)
+        return F.cross_entropy(logits, y)
+
+    t0 = time.time()
+    finished = _is_finished(run_dir)
+    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, "segment")
+    if finished:
+        _restore(run_dir, task)
+    task.to(dev).eval()
+    test_aug = _seg_aug_params(len(test), s, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
+    meter, preds = SegmentationMeter(len(PET_CLASSES), PET_CLASSES), []
+
+    def predict(sl):
+        p = {k: v[sl] for k, v in test_aug.items()} if test_aug else None
+        x, y = _seg_apply(test.images[sl], test.masks[sl], p, s, dev, augment=test_aug is not None)
+        return task(x).argmax(1).cpu(), y.cpu()
+
+    for _, (pred, y) in _batched(predict, len(test)):
+        meter.update(pred, y)
+        preds.append(pred)
+    pred = torch.cat(preds)
+    report = meter.compute()
+    examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
+    if finished:
+        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
+    metrics = {"stage": "segment", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
+               **report, "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
+               "device": str(dev)}
+    _finish(run_dir, task, metrics, {"stage": "segment"})
+    return StageResult(run_dir, metrics, history, examples)

@@ -1,0 +1,183 @@
+"""One training loop for every stage: AdamW with a step schedule, resumable epoch checkpoints,
+a JSON-lines log, a quiet-when-batch tqdm bar and a hard stop on a non-finite loss.
+
+A stage supplies `step(idx, g) -> loss` for a batch of dataset indices and the epoch's generator.
+The data order and every random draw of an epoch come from a generator seeded by (seed, epoch),
+so resuming from the checkpoint after epoch e reproduces an uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from .store import atomic_write_bytes
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "train_log.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good epoch checkpoint is kept."""
+
+
+@dataclass
+class Schedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.0
+    milestones: list[float] = field(default_factory=list)   # fractions of epochs
+    gamma: float = 0.1
+
+    def lr_at(self, epoch: int) -> float:
+        """Step schedule: multiply by gamma at each milestone epoch (round(fraction * epochs))."""
+        drops = sum(epoch >= round(m * self.epochs) for m in self.milestones)
+        return self.lr * self.gamma ** drops
+
+
+def progress_enabled() -> bool:
+    """Bars only for a person watching: off under CI, papermill runs and pipes."""
+    if os.environ.get("CI") or os.environ.get("STUDYLIB_PROGRESS") == "0":
+        return False
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but no GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and learned tokens (timm / MAE convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, sched: Schedule, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, sched.weight_decay), lr=sched.lr,
+                             fused=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors, no pickle)
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    atomic_write_bytes(path, save(tensors, metadata={"meta": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    sd = opt.state_dict()
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return meta
+
+
+# ---------------------------------------------------------------- the loop
+
+def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        n_train: int, sched: Schedule, seed: int, run_dir: str | Path, device: torch.device,
+        desc: str = "train", on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Train for sched.epochs, resuming from run_dir/checkpoint.safetensors when present.
+    Returns the per-epoch log (also appended to run_dir/train_log.jsonl)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device).train()
+    opt = make_optimizer(model, sched, device)
+    history: list[dict] = []
+    start = 0
+    if (run_dir / CHECKPOINT).exists():
+        meta = load_checkpoint(run_dir / CHECKPOINT, model, opt)
+        start, history = meta["epoch"], meta["history"]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    steps_per_epoch = -(-n_train // sched.batch_size)
+    bar = tqdm(total=sched.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc,
+               disable=not progress_enabled(), leave=False)
+    for epoch in range(start, sched.epochs):
+        lr = sched.lr_at(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        g = epoch_generator(seed, epoch)
+        order = torch.randperm(n_train, generator=g)
+        t0, total, count = time.time(), 0.0, 0
+        for b in range(steps_per_epoch):
+            idx = order[b * sched.batch_size:(b + 1) * sched.batch_size]
+            with amp:
+                loss = step(idx, g)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
+                                    f"the checkpoint of epoch {epoch} is kept. Lower the learning "
+                                    f"rate or check the inputs, then rerun to resume.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+            bar.update(1)
+        record = {"epoch": epoch + 1, "loss": total / count, "lr": lr, "seconds": round(time.time() - t0, 3)}
+        history.append(record)
+        with open(run_dir / LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        save_checkpoint(run_dir / CHECKPOINT, model, opt, {"epoch": epoch + 1, "history": history})
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    bar.close()
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------- encoders between stages
+
+def save_encoder(path: str | Path, encoder: torch.nn.Module, meta: dict) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    meta = {"config": json.dumps(encoder.cfg.to_dict()), **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_encoder(path: str | Path):
+    """Rebuild an encoder from its safetensors file (config in the metadata; nothing is unpickled)."""
+
+    from .model import ViNy, ViTConfig
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder file {path} not found; run its stage first")
+    with safe_open(path, "pt") as f:
+        cfg = ViTConfig(**json.loads(f.metadata()["config"]))
+    enc = ViNy(cfg)
+    enc.load_state_dict(load_file(path))
+    return enc
