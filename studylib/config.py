@@ -58,6 +58,7 @@ class PretrainConfig(StageConfig):
     mask_unit: int = 0               # masking unit in pixels; 0 = the model's patch (the paper's 16 px)
     crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
     loss_per_masked_count: bool = False   # paper quirk: divide the L1 loss again by the masked count
+    norm_pix_loss: bool = False      # MAE's per-patch normalised targets (not in the paper)
 
 
 @dataclass

@@ -21,11 +21,15 @@ def random_masks(batch: int, grid: int, unit: int, ratio: float, g: torch.Genera
 
 
 def mim_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch: int,
-             per_masked_count: bool = False) -> torch.Tensor:
+             per_masked_count: bool = False, norm_pix: bool = False) -> torch.Tensor:
     """Mean absolute error over the pixels of masked patches. pred [B, N, p*p*3], imgs [B, 3, H, W]
     (already normalised), mask [B, N]. `per_masked_count` reproduces the authors' extra division by
-    the number of masked patches per image."""
+    the number of masked patches per image. `norm_pix` (MAE's variant) standardises each target patch
+    by its own mean and std, so the loss rewards predicting structure rather than average colour."""
     target = patchify(imgs, patch)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
     m = mask.to(pred.dtype)
     loss = ((pred - target).abs().mean(dim=-1) * m).sum() / m.sum().clamp(min=1)
     if per_masked_count:

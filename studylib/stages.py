@@ -103,7 +103,7 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
 
     def step(idx, g):
         x, mask = batch(idx, g)
-        return mim_loss(task(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count)
+        return mim_loss(task(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
 
     t0 = time.time()
     history = [] if _is_finished(run_dir) else fit(task, step, len(images), _schedule(s), seed, run_dir, dev, "pretrain")
@@ -116,7 +116,7 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
     with torch.no_grad():
         x, mask = batch(idx, g, boxes=A.full_boxes(len(idx)))
         pred = task(x, mask)
-        eval_loss = mim_loss(pred, x, mask, cfg.patch_size).item()
+        eval_loss = mim_loss(pred, x, mask, cfg.patch_size, norm_pix=s.norm_pix_loss).item()
     examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
     if _is_finished(run_dir):
         return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)

@@ -1,0 +1,196 @@
+"""ViNy: the paper's parameter count piece by piece, head shapes, pixel layout and the mask token."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from studylib.model import (MODELS, VINY_PARAMS, Classifier, MaskedImageModel, PatchClassifier, Segmenter,
+                            build_encoder, count_params, layer_summary, model_config, patchify, unpatchify)
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def viny():
+    torch.manual_seed(0)
+    return build_encoder("viny").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_encoder("viny-tiny").eval()
+
+
+# ------------------------------------------------------------------------------------------ parameter count
+
+def test_viny_has_the_papers_parameter_count(viny):
+    assert count_params(viny) == 4_842_880
+    assert VINY_PARAMS == 4_842_880
+
+
+def test_viny_pieces_add_up(viny):
+    assert count_params(viny.patch_embed) == 100_224      # LN(768) + Linear(768->128) + LN(128)
+    assert all(count_params(b) == 394_496 for b in viny.blocks)
+    assert len(viny.blocks) == 12
+    assert tuple(viny.pos_embed.shape) == (1, 65, 128)
+    assert tuple(viny.cls_token.shape) == (1, 1, 128)
+    assert count_params(viny.norm) == 256
+    total = 100_224 + 12 * 394_496 + 65 * 128 + 128 + 256
+    assert total == count_params(viny) == VINY_PARAMS
+
+
+def test_patch_embedding_is_layernorm_linear_layernorm(viny):
+    pe = viny.patch_embed
+    assert isinstance(pe.norm_in, nn.LayerNorm) and pe.norm_in.normalized_shape == (768,)
+    assert isinstance(pe.proj, nn.Linear) and (pe.proj.in_features, pe.proj.out_features) == (768, 128)
+    assert isinstance(pe.norm_out, nn.LayerNorm) and pe.norm_out.normalized_shape == (128,)
+
+
+def test_attention_has_head_dim_64_and_wide_inner_width(viny):
+    attn = viny.blocks[0].attn
+    assert attn.num_heads == 8
+    assert attn.head_dim == 64
+    assert (attn.qkv.in_features, attn.qkv.out_features) == (128, 1536)
+    assert attn.qkv.bias is None
+    assert (attn.proj.in_features, attn.proj.out_features) == (512, 128)
+    assert attn.proj.bias is not None
+    mlp = viny.blocks[0].mlp
+    assert (mlp.fc1.in_features, mlp.fc1.out_features) == (128, 512)
+    assert (mlp.fc2.in_features, mlp.fc2.out_features) == (512, 128)
+    assert isinstance(mlp.act, nn.GELU)
+
+
+def test_model_config_rejects_unknown_names_listing_valid_ones():
+    with pytest.raises(ValueError) as e:
+        model_config("nope")
+    msg = str(e.value)
+    assert "nope" in msg
+    for name in MODELS:
+        assert name in msg
+
+
+def test_layer_summary_reports_the_total():
+    text = layer_summary("viny")
+    assert "4,842,880" in text
+    assert "100,224" in text and "394,496" in text
+
+
+# ------------------------------------------------------------------------------------------ shapes
+
+@pytest.mark.parametrize("name,px,dim", [("viny", 128, 128), ("viny-tiny", 64, 64)])
+def test_head_shapes(request, name, px, dim):
+    enc = request.getfixturevalue("viny" if name == "viny" else "tiny")
+    cfg = enc.cfg
+    assert cfg.name == name
+    assert cfg.img_size == px and cfg.grid == 8 and cfg.num_patches == 64
+    p = cfg.patch_size
+    x = torch.randn(2, 3, px, px)
+    with torch.no_grad():
+        assert enc.forward_features(x).shape == (2, 65, dim)
+        mask = torch.zeros(2, 64, dtype=torch.bool)
+        mask[:, ::2] = True
+        assert MaskedImageModel(enc)(x, mask).shape == (2, 64, p * p * 3)
+        assert Classifier(enc, 6)(x).shape == (2, 6)
+        assert Segmenter(enc, 3)(x).shape == (2, 3, px, px)
+        assert PatchClassifier(enc, 3)(x).shape == (2, 64, 3)
+
+
+def test_forward_intermediates(tiny):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        inter = tiny.forward_intermediates(x)
+        feats = tiny.forward_features(x)
+        raw = tiny.forward_intermediates(x, norm=False)
+        last = tiny.forward_intermediates(x, indices=[-1])
+    assert len(inter) == tiny.cfg.depth == 4
+    assert all(t.shape == (2, 64, 64) for t in inter)
+    torch.testing.assert_close(inter[-1], feats[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(last[0], feats[:, 1:], rtol=0, atol=1e-6)
+    # norm=False gives the raw block outputs, which the final LayerNorm maps onto the normed ones
+    assert not torch.allclose(raw[-1], inter[-1])
+    torch.testing.assert_close(tiny.norm(raw[-1]), inter[-1])
+    # the blocks really differ from each other
+    assert not torch.allclose(inter[0], inter[-1])
+
+
+# ------------------------------------------------------------------------------------------ pixel layout
+
+def test_patchify_unpatchify_round_trip():
+    x = torch.randn(2, 3, 32, 32)
+    t = patchify(x, 8)
+    assert t.shape == (2, 16, 8 * 8 * 3)
+    assert torch.equal(unpatchify(t, 8, 3), x)
+    y = torch.randn(2, 16, 4 * 4 * 5)
+    assert torch.equal(patchify(unpatchify(y, 4, 5), 4), y)
+
+
+def test_patchify_patch_k_is_grid_cell_in_row_col_channel_order():
+    p, grid = 4, 3
+    x = torch.arange(2 * 3 * 12 * 12, dtype=torch.float32).view(2, 3, 12, 12)
+    t = patchify(x, p)
+    for b in range(2):
+        for k in range(grid * grid):
+            r, c = k // grid, k % grid
+            cell = x[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]          # [C, p, p]
+            assert torch.equal(t[b, k], cell.permute(1, 2, 0).reshape(-1))
+    # spot check: element (row 1, col 2, channel 0) of patch 0 is pixel [0, 1, 2]
+    assert t[0, 0, (1 * p + 2) * 3 + 0] == x[0, 0, 1, 2]
+
+
+def test_segmenter_logits_land_in_their_patch(tiny):
+    torch.manual_seed(2)
+    seg = Segmenter(tiny, 3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    p, grid = tiny.cfg.patch_size, tiny.cfg.grid
+    with torch.no_grad():
+        out = seg(x)
+        per_token = seg.head(tiny(x)[:, 1:])                    # [1, 64, p*p*3]
+    for k in (0, 5, 13, 63):
+        r, c = k // grid, k % grid
+        expect = per_token[0, k].view(p, p, 3).permute(2, 0, 1)
+        torch.testing.assert_close(out[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p], expect)
+
+
+# ------------------------------------------------------------------------------------------ the mask token
+
+def test_mask_token_with_empty_mask_is_plain_encoder(tiny):
+    torch.manual_seed(3)
+    mim = MaskedImageModel(tiny).eval()
+    x = torch.randn(2, 3, 64, 64)
+    none = torch.zeros(2, 64, dtype=torch.bool)
+    with torch.no_grad():
+        out = mim(x, none)
+        ref = mim.head(tiny(x)[:, 1:])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_mask_token_replaces_masked_inputs(tiny):
+    torch.manual_seed(4)
+    mim = MaskedImageModel(tiny).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, [0, 9, 18, 27, 40]] = True
+    with torch.no_grad():
+        masked = mim(x, mask)
+        unmasked = mim(x, torch.zeros_like(mask))
+    assert not torch.allclose(masked, unmasked, atol=1e-4)
+    # the pixels of masked patches no longer reach the encoder at all
+    t = patchify(x, 8)
+    t2 = torch.where(mask.unsqueeze(-1), torch.randn_like(t) * 5, t)
+    x2 = unpatchify(t2, 8, 3)
+    assert not torch.allclose(x, x2)
+    with torch.no_grad():
+        torch.testing.assert_close(mim(x2, mask), masked, rtol=0, atol=1e-5)
+        # whereas changing an unmasked patch does change the prediction
+        t3 = t.clone()
+        t3[:, 1] = torch.randn_like(t3[:, 1])      # (a constant shift would vanish in the patch LayerNorm)
+        assert not torch.allclose(mim(unpatchify(t3, 8, 3), mask), masked, atol=1e-4)
+
+
+def test_mask_token_is_a_learned_parameter(tiny):
+    mim = MaskedImageModel(tiny)
+    names = dict(mim.named_parameters())
+    assert "mask_token" in names and names["mask_token"].shape == (1, 1, tiny.cfg.dim)
+    assert count_params(mim) - count_params(tiny) == 64 + 64 * 192 + 192

@@ -1,0 +1,134 @@
+"""End to end: the smoke study through the runner and papermill, the notebooks' parameters, the CLI,
+and resuming an interrupted stage."""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from studylib import cli, config, grid, runner, stages, train
+from studylib.results import collect, paper_table
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_store(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = config.load(SMOKE)
+    plan = grid.plan(cfg)
+    summary = runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None)
+    return runs, plan, summary
+
+
+def test_smoke_study_runs_every_stage(smoke_store):
+    runs, plan, summary = smoke_store
+    assert summary.ok and len(summary.ran) == len(plan) == 1 + 1 + 3
+    for run in plan:
+        d = run.dir(runs)
+        for f in ("params.json", "notebook.ipynb", "metrics.json", "encoder.safetensors", "train_log.jsonl"):
+            assert (d / f).exists(), f"{run.describe()} lacks {f}"
+        assert not (d / train.CHECKPOINT).exists()      # optimizer state dropped once finished
+    seg = [r for r in plan if r.stage == "segment"]
+    intermediate = next(r for r in plan if r.stage == "intermediate")
+    assert sum(r.parent is intermediate for r in seg) == 1
+
+
+def test_second_run_does_no_work(smoke_store):
+    runs, plan, _ = smoke_store
+    again = runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None)
+    assert again.ran == [] and len(again.done) == len(plan)
+
+
+def test_results_table_has_the_papers_layout(smoke_store):
+    runs, plan, _ = smoke_store
+    df = collect(runs, plan)
+    assert len(df) == 3
+    assert ((df.miou > 0) & (df.miou <= 100) & (df.pixel_acc > df.miou / 3)).all()
+    table = paper_table(df, "miou")
+    assert list(table.index) == ["none", "32", "32 + intermediate"]
+    assert list(table.columns) == [16]
+    assert "+-" in table.iloc[0, 0]
+
+
+def test_results_notebook_executes(smoke_store, tmp_path):
+    runs, _, _ = smoke_store
+    out = tmp_path / "results.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "results.ipynb"), str(out), kernel_name="python3",
+                        progress_bar=False, parameters={"runs_dir": str(runs), "params_file": str(SMOKE)})
+    text = out.read_text()
+    assert "3 finished segmentation runs" in text
+
+
+@pytest.mark.parametrize("stage", grid.STAGES)
+def test_notebook_defaults_are_the_smoke_settings(stage):
+    """Every key the runner injects exists in the notebook, and its default is the smoke value."""
+    nb = ROOT / "notebooks" / grid.NOTEBOOKS[stage]
+    declared = pm.inspect_notebook(str(nb))
+    run = next(r for r in grid.plan(config.load(SMOKE)) if r.stage == stage)
+    injected = runner.notebook_parameters(run, Path("/tmp/x"), "cpu", "")
+    assert set(injected) <= set(declared)
+    for key, value in run.params.items():
+        assert ast.literal_eval(declared[key]["default"]) == value, key
+
+
+def test_failed_run_is_recorded_and_blocks_only_its_dependents(tmp_path):
+    values = json.loads(json.dumps(_smoke_values()))
+    values["grid"].update(pretrain_sizes=[0], intermediate=[False], finetune_sizes=[8, 500])
+    plan = grid.plan(config.resolve(values))
+    summary = runner.execute(plan, tmp_path, device="cpu", workers=1, echo=lambda *_: None)
+    assert len(summary.ran) == 1 and len(summary.failed) == 1
+    failed = next(r for r in plan if r.id == summary.failed[0])
+    error = json.loads((failed.dir(tmp_path) / "error.json").read_text())
+    assert "larger than trainval" in error["error"]
+
+
+def _smoke_values() -> dict:
+    import yaml
+    return yaml.safe_load(SMOKE.read_text())
+
+
+def test_interrupted_stage_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+    cfg = config.load(SMOKE)
+    kwargs = dict(model=cfg.model, data={**config.to_dict(cfg.data), "cache": str(tmp_path / "cache")},
+                  settings={**config.to_dict(cfg.segment), "epochs": 3}, size=16, seed=0, device="cpu")
+    whole = stages.segment(str(tmp_path / "whole"), **kwargs).metrics
+
+    real_fit = train.fit
+
+    def interrupted_fit(*args, **kw):
+        def stop(epoch, record):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return real_fit(*args, **kw, on_epoch_end=stop)
+
+    monkeypatch.setattr(stages, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        stages.segment(str(tmp_path / "resumed"), **kwargs)
+    assert (tmp_path / "resumed" / train.CHECKPOINT).exists()
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(stages, "fit", real_fit)
+    resumed = stages.segment(str(tmp_path / "resumed"), **kwargs).metrics
+    for key in ("miou_per_image", "miou_dataset", "pixel_acc", "final_train_loss"):
+        assert resumed[key] == whole[key], key
+    lines = (tmp_path / "resumed" / train.LOG).read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+
+
+def test_cli_info_prints_the_exact_count(capsys):
+    assert cli.main(["info", "viny"]) == 0
+    assert "4,842,880" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_parameter_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: viny-tiny\nsegment: {epoch: 3}\n")
+    assert cli.main(["run", str(bad), "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "segment.epoch" in err and "epochs" in err
+    assert not (tmp_path / "runs").exists()
