@@ -44,7 +44,7 @@ def cmd_run(args) -> int:
     device = args.device or cfg.device
     print(f"{cfg.name}: {len(plan)} stage runs ({', '.join(f'{sum(r.stage == s for r in plan)} {s}' for s in grid.STAGES)})"
           f" into {args.runs}/")
-    summary = runner.execute(plan, args.runs, device=device, cache=cfg.data.cache, workers=args.workers or cfg.workers)
+    summary = runner.execute(plan, args.runs, device=device, cache=str(Path(cfg.data.cache).resolve()) if cfg.data.cache else "", workers=args.workers or cfg.workers)
     print(summary.line())
     from .results import collect, format_tables
     print()

@@ -39,9 +39,13 @@ class Run:
 
 
 def _data_identity(cfg: StudyConfig) -> dict:
-    """The data section without the cache location, which does not change results."""
+    """The data section without the cache location (which does not change results), with folders
+    made absolute: relative paths mean the directory `study` runs in, not the run folder."""
     d = asdict(cfg.data)
     d.pop("cache")
+    for key in ("root", "pets", "intel", "images"):
+        if d[key]:
+            d[key] = str(Path(d[key]).resolve())
     return d
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 # Bump when the images change, so an old SYNTH.json no longer matches and stale data is not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Capitalised names are cats and lowercase names dogs, as in the real dataset.
 BREEDS = ("Tigrine", "Leopardine", "Smokey", "brindle_hound", "patched_pointer", "curly_poodle")
@@ -159,48 +159,100 @@ def linear_ramp(h: int, w: int, theta: float) -> np.ndarray:
     return _normalise(x)
 
 
-# Background families: none of them is the oriented mid/high-frequency texture a pet wears (cross-hatch and grain
-# come closest), so texture, not colour, separates pet from background.
-def background_texture(rng: np.random.Generator, h: int, w: int, family: str | None = None) -> np.ndarray:
-    family = family or rng.choice(["gradient", "blotches", "grating", "tiles", "grain", "crosshatch"],
-                                  p=[0.2, 0.25, 0.15, 0.15, 0.13, 0.12])
-    theta = rng.uniform(0, np.pi)
-    if family == "gradient":
-        t = 0.8 * linear_ramp(h, w, theta) + 0.2 * smooth_noise(rng, h, w, 2)
-    elif family == "blotches":
-        t = spots(rng, h, w, rng.uniform(2, 5), rng.uniform(0.3, 0.6), softness=rng.uniform(0.03, 0.15))
-    elif family == "grating":
-        t = grating(h, w, rng.uniform(1.5, 4.5), theta, rng.uniform(), sharp=rng.uniform(0.5, 4))
-    elif family == "tiles":
-        t = 0.85 * checker(h, w, rng.uniform(1.5, 4), theta, brick=rng.uniform() < 0.5) + 0.15 * smooth_noise(rng, h, w, 3)
-    elif family == "grain":
-        t = 0.6 * smooth_noise(rng, h, w, 3) + 0.4 * smooth_noise(rng, h, w, rng.uniform(25, 40))
+# Texture families: one shared, continuous space. Each family draws its own frequencies, orientations, spot sizes,
+# sharpness and warp per image, so no two coats (or backgrounds) are alike; breeds and backgrounds are tendencies
+# over this space (which families they favour, and how fine) rather than fixed textures.
+TEXTURE_FAMILIES = ("stripes", "spots", "fur", "curls", "patches", "rosettes", "crosshatch", "tiles", "gradient",
+                    "blotches", "grain", "rings")
+
+
+def _freq(rng: np.random.Generator, fine: float, lo: float = 2.0, hi: float = 16.0) -> float:
+    # Frequencies drawn on a log scale; `fine` in [0, 1] shifts the draw toward the high end.
+    u = np.clip(rng.beta(1 + 3 * fine, 1 + 3 * (1 - fine)), 0, 1)
+    return float(lo * (hi / lo) ** u)
+
+
+def random_texture(rng: np.random.Generator, h: int, w: int, family: str, axis: float | None = None,
+                   fine: float = 0.5) -> np.ndarray:
+    """One texture of `family` with random parameters; `axis` (if given) is what oriented textures follow."""
+    theta = rng.uniform(0, np.pi) if axis is None else axis + np.pi / 2 + rng.normal(0, 0.35)
+    if family == "stripes":
+        warp = rng.uniform(0, 0.9) * smooth_noise(rng, h, w, rng.uniform(1, 4))
+        t = grating(h, w, _freq(rng, fine), theta, rng.uniform(), warp, sharp=rng.uniform(0.5, 4))
+    elif family == "spots":
+        t = spots(rng, h, w, _freq(rng, fine, 3, 18), rng.uniform(0.15, 0.5), softness=rng.uniform(0.02, 0.12))
+    elif family == "fur":
+        t = oriented_noise(rng, h, w, _freq(rng, fine, 4, 16), theta, spread=rng.uniform(0.08, 0.6))
+    elif family == "curls":
+        t = curls(rng, h, w, _freq(rng, fine, 2, 9), rng.uniform(2, 7))
+    elif family == "patches":  # big patches with something finer on top
+        big = spots(rng, h, w, rng.uniform(2, 6), rng.uniform(0.25, 0.55), softness=rng.uniform(0.01, 0.08))
+        a = rng.uniform(0.5, 0.85)
+        t = a * big + (1 - a) * random_texture(rng, h, w, str(rng.choice(["fur", "spots", "grain"])), axis, fine)
+    elif family == "rosettes":  # rings of spots: contour bands of noise around thresholds
+        n = smooth_noise(rng, h, w, _freq(rng, fine, 4, 14))
+        q = rng.uniform(0.55, 0.75)
+        t = np.exp(-((n - q) / rng.uniform(0.03, 0.08)) ** 2) + 0.6 * (n > q + 0.1)
     elif family == "crosshatch":
-        f = rng.uniform(4, 8)
-        t = 0.5 + 0.25 * (grating(h, w, f, theta) + grating(h, w, f, theta + np.pi / 2) - 1)
-        t = 0.5 * t + 0.5 * smooth_noise(rng, h, w, 2)
+        f, d = _freq(rng, fine, 3, 12), rng.uniform(0.5, np.pi / 2)
+        t = 0.5 * (grating(h, w, f, theta) + grating(h, w, f * rng.uniform(0.7, 1.3), theta + d))
+        t = t + rng.uniform(0, 1) * smooth_noise(rng, h, w, 2)
+    elif family == "tiles":
+        t = 0.85 * checker(h, w, _freq(rng, fine, 1.5, 7), theta, brick=rng.uniform() < 0.5) \
+            + 0.15 * smooth_noise(rng, h, w, 3)
+    elif family == "gradient":
+        t = rng.uniform(0.5, 0.9) * linear_ramp(h, w, rng.uniform(0, 2 * np.pi)) + 0.3 * smooth_noise(rng, h, w, 2)
+    elif family == "blotches":
+        t = spots(rng, h, w, rng.uniform(1.5, 5), rng.uniform(0.3, 0.6), softness=rng.uniform(0.03, 0.15))
+    elif family == "grain":
+        t = rng.uniform(0.3, 0.7) * smooth_noise(rng, h, w, 3) + smooth_noise(rng, h, w, _freq(rng, fine, 12, 40))
+    elif family == "rings":
+        x, y = _grid(h, w, rng.uniform(-0.3, 1.3), rng.uniform(-0.3, 1.3))
+        r = np.sqrt(x * x + y * y) + 0.1 * smooth_noise(rng, h, w, 2)
+        t = 0.5 + 0.5 * np.tanh(rng.uniform(0.5, 3) * np.sin(2 * np.pi * _freq(rng, fine, 2, 12) * r))
     else:
-        raise ValueError(f"unknown background family {family!r}")
-    return _normalise(t)
+        raise ValueError(f"unknown texture family {family!r}")
+    t = _normalise(np.asarray(t, np.float32))
+    if rng.uniform() < 0.5:  # either polarity: dark marks on light or light on dark
+        t = 1 - t
+    c = rng.uniform(0.45, 1.0)  # contrast of the pattern itself
+    return (0.5 + c * (t - 0.5)).astype(np.float32)
+
+
+# Backgrounds favour smooth, coarse or man-made families, but a fair share wear animal-like textures too, so a
+# local texture patch alone does not say "pet": its outline and its contrast with the surroundings do.
+_BACKGROUND_FAMILY_P = {"gradient": 0.14, "blotches": 0.16, "tiles": 0.12, "grain": 0.1, "crosshatch": 0.1,
+                        "stripes": 0.1, "rings": 0.06, "spots": 0.06, "fur": 0.06, "curls": 0.04, "patches": 0.03,
+                        "rosettes": 0.03}
+
+
+def background_texture(rng: np.random.Generator, h: int, w: int, family: str | None = None) -> np.ndarray:
+    family = family or str(rng.choice(list(_BACKGROUND_FAMILY_P), p=list(_BACKGROUND_FAMILY_P.values())))
+    return random_texture(rng, h, w, family, fine=rng.uniform(0.0, 0.6))
+
+
+# Each breed favours a few families and a fineness; any breed sometimes wears any animal-like texture.
+_BREED_STYLE = {
+    "Tigrine": ({"stripes": 0.7, "fur": 0.15, "rosettes": 0.15}, 0.65),
+    "Leopardine": ({"spots": 0.55, "rosettes": 0.35, "patches": 0.1}, 0.7),
+    "Smokey": ({"fur": 0.7, "grain": 0.15, "stripes": 0.15}, 0.8),
+    "brindle_hound": ({"fur": 0.45, "stripes": 0.35, "blotches": 0.2}, 0.45),
+    "patched_pointer": ({"patches": 0.7, "spots": 0.15, "fur": 0.15}, 0.5),
+    "curly_poodle": ({"curls": 0.7, "rings": 0.1, "grain": 0.2}, 0.6),
+}
+_ANIMAL_FAMILIES = ("stripes", "spots", "fur", "curls", "patches", "rosettes", "grain", "crosshatch")
 
 
 def breed_texture(rng: np.random.Generator, breed: str, h: int, w: int, axis: float) -> np.ndarray:
     """The coat of one breed; `axis` is the body's orientation, so stripes and fur follow the body."""
-    if breed == "Tigrine":  # wavy stripes across the body
-        warp = 0.6 * smooth_noise(rng, h, w, 3)
-        return grating(h, w, rng.uniform(7, 11), axis + rng.normal(0, 0.2), rng.uniform(), warp, sharp=2.5)
-    if breed == "Leopardine":  # dense small spots
-        return 1 - spots(rng, h, w, rng.uniform(11, 15), rng.uniform(0.25, 0.35), softness=0.03)
-    if breed == "Smokey":  # fine fur along the body
-        return oriented_noise(rng, h, w, rng.uniform(10, 14), axis + np.pi / 2, spread=0.15)
-    if breed == "brindle_hound":  # coarser, broader fur streaks
-        return oriented_noise(rng, h, w, rng.uniform(6, 9), axis + np.pi / 2 + rng.normal(0, 0.2), spread=0.35)
-    if breed == "patched_pointer":  # big patches with fine fur on top
-        patches = spots(rng, h, w, rng.uniform(4, 6), rng.uniform(0.3, 0.5), softness=0.02)
-        return 0.7 * patches + 0.3 * oriented_noise(rng, h, w, rng.uniform(10, 14), axis + np.pi / 2, spread=0.2)
-    if breed == "curly_poodle":  # wool
-        return curls(rng, h, w, rng.uniform(5, 8), rng.uniform(4, 6))
-    raise ValueError(f"unknown breed {breed!r}")
+    if breed not in _BREED_STYLE:
+        raise ValueError(f"unknown breed {breed!r}")
+    families, fine = _BREED_STYLE[breed]
+    if rng.uniform() < 0.75:
+        family = str(rng.choice(list(families), p=list(families.values())))
+    else:
+        family = str(rng.choice(_ANIMAL_FAMILIES))
+    return random_texture(rng, h, w, family, axis, fine=float(np.clip(fine + rng.normal(0, 0.15), 0, 1)))
 
 
 # Breeds lean toward a hue half of the time (the other half they take any palette colour, like the background).
@@ -225,30 +277,35 @@ def _at(cx: float, cy: float, theta: float, along: float, across: float) -> tupl
 
 
 def animal_mask(rng: np.random.Generator, h: int, w: int, dog: bool) -> tuple[np.ndarray, float]:
-    """A pet silhouette as a union of ellipses; returns the mask and the body's axis angle."""
+    """A pet silhouette as a union of ellipses; returns the mask and the body's axis angle.
+
+    Every proportion is drawn per image (body size and girth, head size and offset, ear shape, leg count, length
+    and thickness, tail length and curl), so silhouettes vary continuously; dogs lean bigger with floppy ears."""
     aspect_w, aspect_h = w / ((h + w) / 2), h / ((h + w) / 2)
-    cx, cy = aspect_w * rng.uniform(0.38, 0.62), aspect_h * rng.uniform(0.38, 0.62)
+    cx, cy = aspect_w * rng.uniform(0.35, 0.65), aspect_h * rng.uniform(0.35, 0.65)
     theta = rng.uniform(0, 2 * np.pi)
-    rx = rng.uniform(0.27, 0.37) * (1.1 if dog else 1.0)
-    ry = rx * rng.uniform(0.5, 0.65)
+    rx = rng.uniform(0.2, 0.36) * (1.1 if dog else 1.0)
+    ry = rx * rng.uniform(0.4, 0.75)
     up = rng.choice([-1.0, 1.0])  # mirror: which side of the body the legs hang from
     mask = ellipse(h, w, cx, cy, rx, ry, theta)
-    hr = ry * rng.uniform(0.8, 1.05)
-    hx, hy = _at(cx, cy, theta, rx * 0.95, -up * ry * 0.45)
-    mask |= ellipse(h, w, hx, hy, hr * (1.15 if dog else 1.0), hr, theta)
-    for side in (-1, 1):  # ears: pointed for cats, floppy for dogs
-        ex, ey = _at(hx, hy, theta, side * hr * 0.5, -up * hr * (0.7 if not dog else 0.45))
-        if dog:
-            mask |= ellipse(h, w, ex, ey, hr * 0.28, hr * 0.6, theta + side * 0.3)
-        else:
-            mask |= ellipse(h, w, ex, ey, hr * 0.18, hr * 0.5, theta + side * 0.35)
-    for along in rng.choice([-0.7, -0.35, 0.35, 0.7], size=int(rng.integers(2, 5)), replace=False):
-        lx, ly = _at(cx, cy, theta, along * rx, up * ry * 1.0)
-        mask |= ellipse(h, w, lx, ly, ry * 0.16, ry * 0.55, theta)
-    tail_angle = theta + np.pi - up * rng.uniform(0.2, 0.9)
-    tx, ty = _at(cx, cy, theta, -rx * 1.05, 0)
-    tx, ty = tx + 0.5 * rx * np.cos(tail_angle), ty + 0.5 * rx * np.sin(tail_angle)
-    mask |= ellipse(h, w, tx, ty, rx * (0.5 if dog else 0.65), ry * (0.18 if dog else 0.12), tail_angle)
+    hr = ry * rng.uniform(0.7, 1.2)
+    hx, hy = _at(cx, cy, theta, rx * rng.uniform(0.8, 1.1), -up * ry * rng.uniform(0.2, 0.8))
+    head_tilt = theta + rng.normal(0, 0.3)
+    mask |= ellipse(h, w, hx, hy, hr * rng.uniform(1.0, 1.35 if dog else 1.15), hr, head_tilt)
+    floppy = rng.uniform() < (0.8 if dog else 0.15)
+    ear_len, ear_w = rng.uniform(0.4, 0.7), rng.uniform(0.14, 0.3)
+    for side in (-1, 1):  # ears: pointed for most cats, floppy for most dogs
+        ex, ey = _at(hx, hy, head_tilt, side * hr * rng.uniform(0.35, 0.6), -up * hr * (0.45 if floppy else 0.75))
+        mask |= ellipse(h, w, ex, ey, hr * ear_w, hr * ear_len, head_tilt + side * (0.3 if floppy else 0.35))
+    leg_len, leg_w = rng.uniform(0.4, 0.9), rng.uniform(0.12, 0.22)
+    for along in rng.choice([-0.75, -0.4, 0.4, 0.75], size=int(rng.integers(2, 5)), replace=False):
+        lx, ly = _at(cx, cy, theta, along * rx, up * ry * (0.5 + leg_len))
+        mask |= ellipse(h, w, lx, ly, ry * leg_w, ry * leg_len, theta + rng.normal(0, 0.15))
+    tail_angle = theta + np.pi - up * rng.uniform(0.1, 1.1)
+    tail_len = rx * rng.uniform(0.3, 0.75)
+    tx, ty = _at(cx, cy, theta, -rx * 1.0, 0)
+    tx, ty = tx + tail_len * np.cos(tail_angle), ty + tail_len * np.sin(tail_angle)
+    mask |= ellipse(h, w, tx, ty, tail_len, ry * rng.uniform(0.1, 0.25), tail_angle)
     return mask, float(theta)
 
 
@@ -304,7 +361,12 @@ def paste(rgb: np.ndarray, mask: np.ndarray, fill: np.ndarray) -> np.ndarray:
 def pet_coat(rng: np.random.Generator, breed: str, h: int, w: int, axis: float) -> np.ndarray:
     hue = _BREED_HUES[breed] if rng.uniform() < 0.5 else None
     c0, c1 = palette_pair(rng, hue)
-    return colourise(breed_texture(rng, breed, h, w, axis), c0, c1)
+    coat = colourise(breed_texture(rng, breed, h, w, axis), c0, c1)
+    if rng.uniform() < 0.3:  # two-tone: a second colouring of the same kind of coat over large patches
+        d0, d1 = palette_pair(rng)
+        region = spots(rng, h, w, rng.uniform(1.5, 4), rng.uniform(0.2, 0.5), softness=0.03)
+        coat = coat + (colourise(breed_texture(rng, breed, h, w, axis), d0, d1) - coat) * region[..., None]
+    return coat
 
 
 def render_pet(rng: np.random.Generator, breed: str, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -456,8 +518,9 @@ def render_scene(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarr
 
 
 def render_unlabeled(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Pre-training image: a pet-like animal, textured objects, or a scene, from the same visual vocabulary."""
-    kind = rng.choice(["animal", "objects", "scene"], p=[0.45, 0.3, 0.25])
+    """Pre-training image: pet-like animals, textured objects, or a scene, from the same visual vocabulary and
+    the same rich appearance distribution as the Pets images (many coats, backgrounds and silhouettes)."""
+    kind = rng.choice(["animal", "objects", "scene"], p=[0.55, 0.3, 0.15])
     if kind == "animal":
         return render_pet(rng, str(rng.choice(BREEDS)), h, w)[0]
     if kind == "scene":
