@@ -135,6 +135,11 @@ def _check_value(value, tp, where: str):
             raise ParamError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):      # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -171,8 +176,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 def resolve(values: dict) -> StudyConfig:
     """Apply the protocol preset under the file's own values, build, and check the values."""
+    if not isinstance(values, dict):
+        raise ParamError(f"parameters: expected a mapping of keys, got {values!r}")
     protocol = values.get("protocol", "clean")
-    if protocol not in PROTOCOLS:
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise ParamError(f"protocol: unknown value {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     cfg = build(StudyConfig, _merge(PROTOCOLS[protocol], values))
     validate(cfg)

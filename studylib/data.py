@@ -96,14 +96,17 @@ def _cache_key(paths: list[Path], what: str) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_stack(paths: list[Path], what: str, decode, cache_dir: str | Path | None) -> np.ndarray:
+def cached_stack(paths: list[Path], what: str, decode, cache_dir: str | Path | None,
+                 empty_shape: tuple = (0,)) -> np.ndarray:
     """Decode every path with `decode` and stack; reuse the cached array when the sources and `what`
     (resolution, interpolation, kind) are unchanged."""
+    if not paths:
+        return np.zeros(empty_shape, np.uint8)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     file = cache_dir / f"{what.split('|')[0]}-{_cache_key(paths, what)}.npy"
     if file.exists():
         return np.load(file)
-    arr = np.stack([decode(p) for p in paths]) if paths else np.zeros((0,), np.uint8)
+    arr = np.stack([decode(p) for p in paths])
     atomic_save_npy(file, arr)
     return arr
 
@@ -148,8 +151,9 @@ def load_pets(root: str | Path, split: str, size: int, interpolation: str = "bil
         if not t.is_file():
             raise DataError(f"missing trimap {t} for an image listed in {split}.txt")
     images = cached_stack(imgs, f"pets-img|{size}|{interpolation}",
-                          lambda p: decode_image(p, size, interpolation), cache_dir)
-    masks = cached_stack(tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir)
+                          lambda p: decode_image(p, size, interpolation), cache_dir,
+                          (0, size, size, 3))
+    masks = cached_stack(tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir, (0, size, size))
     labels = torch.tensor([c for _, c in entries], dtype=torch.long)
     return SegData(_chw(images), torch.from_numpy(masks), [n for n, _ in entries], labels)
 
@@ -187,7 +191,8 @@ def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | 
         files = sorted(p for p in (base / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += files
         labels += [k] * len(files)
-    images = cached_stack(paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir)
+    images = cached_stack(paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
+                          (0, size, size, 3))
     return ClassData(_chw(images), torch.tensor(labels, dtype=torch.long), classes)
 
 
@@ -212,4 +217,5 @@ def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str |
         raise DataError(f"{n} pre-training images requested but {root} holds {len(paths)}; "
                         f"lower grid.pretrain_sizes or point data.images at a larger folder")
     chosen = [paths[i] for i in sorted(nested_subset(len(paths), n, seed))]
-    return _chw(cached_stack(chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir))
+    return _chw(cached_stack(chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
+                            (0, size, size, 3)))

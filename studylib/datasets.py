@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .config import DataConfig, build
 from .data import default_cache_dir
-from .synth import SynthSpec, write_synthetic
+from .synth import FORMAT_VERSION, SynthSpec, write_synthetic
 
 
 @dataclass
@@ -29,7 +29,9 @@ def default_synth_root(spec: SynthSpec) -> Path:
     import hashlib
     import json
     from dataclasses import asdict
-    key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
+    # the generator's format version is part of the key, so a new generator never meets stale files
+    blob = json.dumps({"format": FORMAT_VERSION, **asdict(spec)}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return default_cache_dir() / f"synth-{key}"
 
 

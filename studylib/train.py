@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .store import atomic_write_bytes
+from .store import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
@@ -123,6 +123,8 @@ def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], 
     if (run_dir / CHECKPOINT).exists():
         meta = load_checkpoint(run_dir / CHECKPOINT, model, opt)
         start, history = meta["epoch"], meta["history"]
+    # the log holds exactly the checkpointed epochs (a crash may have logged one more)
+    atomic_write_text(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in history))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     steps_per_epoch = -(-n_train // sched.batch_size)
     bar = tqdm(total=sched.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc,

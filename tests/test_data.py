@@ -223,6 +223,11 @@ def test_nested_subset_is_a_prefix():
     assert len(set(big.tolist())) == 50
 
 
+def test_zero_images_is_an_empty_batch(folder, tmp_path):
+    x = D.load_images(folder, 0, S, seed=0, cache_dir=tmp_path / "cache")
+    assert x.shape == (0, 3, S, S) and x.dtype == torch.uint8
+
+
 def test_too_many_images_requested(folder, tmp_path):
     with pytest.raises(DataError) as e:
         D.load_images(folder, 7, S, seed=0, cache_dir=tmp_path / "cache")
