@@ -26,6 +26,7 @@ class DataConfig:
     intel: str = ""                  # real: Intel root (seg_train/, seg_test/)
     images: str = ""                 # real: unlabeled image folder tree (e.g. ImageNet train/)
     cache: str = ""                  # decoded-image cache (default: <runs>/cache)
+    skip_unreadable: bool = False    # leave out files that cannot be decoded (listed in metrics.json)
     synth: dict = field(default_factory=dict)   # SynthSpec fields for kind=synthetic
 
 
@@ -57,6 +58,7 @@ class PretrainConfig(StageConfig):
     mask_ratio: float = 0.5
     mask_unit: int = 0               # masking unit in pixels; 0 = the model's patch (the paper's 16 px)
     crop_scale: list[float] = field(default_factory=lambda: [0.67, 1.0])
+    cache_margin: float = 0.125      # images are cached this much larger than the model input, for crops
     loss_per_masked_count: bool = False   # paper quirk: divide the L1 loss again by the masked count
     norm_pix_loss: bool = False      # MAE's per-patch normalised targets (not in the paper)
 
@@ -70,6 +72,8 @@ class IntermediateConfig(StageConfig):
     gamma: float = 0.1
     mixup_alpha: float = 0.1
     contrast: float = 0.3
+    frozen_augmentation: bool = False   # paper quirk: one random flip/jitter per image for all epochs
+    share: bool = True               # paper quirk (False): re-run the stage for every downstream run
 
 
 @dataclass
@@ -108,6 +112,7 @@ PROTOCOLS = {
     "clean": {},
     "paper": {
         "pretrain": {"loss_per_masked_count": True},
+        "intermediate": {"frozen_augmentation": True, "share": False},
         "segment": {"normalize": False, "interpolation": "nearest", "spatial_log_softmax": True,
                     "split": "pooled", "frozen_augmentation": True, "test_augmentation": True},
     },

@@ -14,14 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .store import atomic_save_npy
+from .store import atomic_save_npy, atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 INTEL_CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
@@ -39,10 +39,12 @@ class SegData:
     masks: torch.Tensor       # [N, S, S] uint8, classes 0..2
     names: list[str]
     labels: torch.Tensor      # [N] breed class 0..36
+    skipped: list[str] = field(default_factory=list)   # unreadable files left out
 
     def subset(self, idx) -> "SegData":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return SegData(self.images[idx], self.masks[idx], [self.names[i] for i in idx.tolist()], self.labels[idx])
+        return SegData(self.images[idx], self.masks[idx], [self.names[i] for i in idx.tolist()], self.labels[idx],
+                       self.skipped)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -53,6 +55,7 @@ class ClassData:
     images: torch.Tensor      # [N, 3, S, S] uint8
     labels: torch.Tensor      # [N] long
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,7 +70,8 @@ def decode_image(path: Path, size: int, interpolation: str = "bilinear") -> np.n
             im = im.convert("RGB")
             return np.asarray(im.resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file.") from None
+        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or set "
+                        f"data.skip_unreadable: true to skip unreadable files.") from None
 
 
 def decode_trimap(path: Path, size: int) -> np.ndarray:
@@ -76,7 +80,8 @@ def decode_trimap(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as im:
             arr = np.asarray(im.resize((size, size), Image.NEAREST))
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read trimap {path}: {e}. Replace or delete the file.") from None
+        raise DataError(f"cannot read trimap {path}: {e}. Replace or delete the file, or set "
+                        f"data.skip_unreadable: true to skip unreadable files.") from None
     if arr.ndim != 2 or arr.min() < 1 or arr.max() > 3:
         raise DataError(f"trimap {path} must be single-channel with values 1, 2, 3; "
                         f"got shape {arr.shape} and values {np.unique(arr)[:8].tolist()}")
@@ -97,18 +102,44 @@ def _cache_key(paths: list[Path], what: str) -> str:
 
 
 def cached_stack(paths: list[Path], what: str, decode, cache_dir: str | Path | None,
-                 empty_shape: tuple = (0,)) -> np.ndarray:
+                 empty_shape: tuple = (0,), skip: bool = False) -> tuple[np.ndarray, list[int]]:
     """Decode every path with `decode` and stack; reuse the cached array when the sources and `what`
-    (resolution, interpolation, kind) are unchanged."""
+    (resolution, interpolation, kind) are unchanged. Returns the array and the indices of unreadable
+    files: with `skip` their rows are zeros (callers drop them), without it the first one is an error."""
     if not paths:
-        return np.zeros(empty_shape, np.uint8)
+        return np.zeros(empty_shape, np.uint8), []
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     file = cache_dir / f"{what.split('|')[0]}-{_cache_key(paths, what)}.npy"
+    unreadable_file = file.with_suffix(".unreadable.json")
     if file.exists():
-        return np.load(file)
-    arr = np.stack([decode(p) for p in paths])
-    atomic_save_npy(file, arr)
-    return arr
+        arr, bad = np.load(file), [tuple(b) for b in read_json(unreadable_file, [])]
+    else:
+        arr, bad = _decode_all(paths, decode, what.split("|")[0], skip)
+        if bad:
+            atomic_write_json(unreadable_file, bad)
+        atomic_save_npy(file, arr)
+    if bad and not skip:
+        raise DataError(bad[0][1])
+    return arr, [i for i, _ in bad]
+
+
+def _decode_all(paths: list[Path], decode, name: str, skip: bool):
+    from tqdm.auto import tqdm
+
+    from .train import progress_enabled
+    rows, bad = [], []
+    for i, p in enumerate(tqdm(paths, desc=f"decoding {name}", disable=not progress_enabled(), leave=False)):
+        try:
+            rows.append(decode(p))
+        except DataError as e:
+            if not skip:
+                raise
+            bad.append((i, str(e)))
+            rows.append(None)
+    shape = next((r.shape for r in rows if r is not None), None)
+    if shape is None:
+        raise DataError(f"none of the {len(paths)} files could be read (first: {bad[0][1]})")
+    return np.stack([np.zeros(shape, np.uint8) if r is None else r for r in rows]), bad
 
 
 def _chw(arr: np.ndarray) -> torch.Tensor:
@@ -141,7 +172,7 @@ def read_pets_list(root: Path, split: str) -> list[tuple[str, int]]:
 
 
 def load_pets(root: str | Path, split: str, size: int, interpolation: str = "bilinear",
-              cache_dir: str | Path | None = None) -> SegData:
+              cache_dir: str | Path | None = None, skip: bool = False) -> SegData:
     """One official split ('trainval' or 'test') at size x size."""
     root = pets_root(root)
     entries = read_pets_list(root, split)
@@ -150,12 +181,15 @@ def load_pets(root: str | Path, split: str, size: int, interpolation: str = "bil
     for t in tris:
         if not t.is_file():
             raise DataError(f"missing trimap {t} for an image listed in {split}.txt")
-    images = cached_stack(imgs, f"pets-img|{size}|{interpolation}",
-                          lambda p: decode_image(p, size, interpolation), cache_dir,
-                          (0, size, size, 3))
-    masks = cached_stack(tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir, (0, size, size))
-    labels = torch.tensor([c for _, c in entries], dtype=torch.long)
-    return SegData(_chw(images), torch.from_numpy(masks), [n for n, _ in entries], labels)
+    images, bad_img = cached_stack(imgs, f"pets-img|{size}|{interpolation}",
+                                   lambda p: decode_image(p, size, interpolation), cache_dir, (0, size, size, 3), skip)
+    masks, bad_tri = cached_stack(tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir,
+                                  (0, size, size), skip)
+    bad = set(bad_img) | set(bad_tri)
+    keep = [i for i in range(len(entries)) if i not in bad]
+    labels = torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
+    return SegData(_chw(images[keep]), torch.from_numpy(masks[keep]), [entries[i][0] for i in keep], labels,
+                   [str(imgs[i]) for i in sorted(bad)])
 
 
 def _find_image(folder: Path, name: str) -> Path:
@@ -181,7 +215,8 @@ def intel_split_dir(root: str | Path, split: str) -> Path:
     return base
 
 
-def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | None = None) -> ClassData:
+def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | None = None,
+               skip: bool = False) -> ClassData:
     base = intel_split_dir(root, split)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
@@ -191,9 +226,11 @@ def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | 
         files = sorted(p for p in (base / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += files
         labels += [k] * len(files)
-    images = cached_stack(paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
-                          (0, size, size, 3))
-    return ClassData(_chw(images), torch.tensor(labels, dtype=torch.long), classes)
+    images, bad = cached_stack(paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
+                               (0, size, size, 3), skip)
+    keep = [i for i in range(len(paths)) if i not in set(bad)]
+    return ClassData(_chw(images[keep]), torch.tensor(labels, dtype=torch.long)[keep], classes,
+                     [str(paths[i]) for i in bad])
 
 
 # ---------------------------------------------------------------- unlabeled images
@@ -210,12 +247,22 @@ def nested_subset(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_total)[:n]
 
 
-def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """A seeded, nested subset of n unlabeled images -> [n, 3, S, S] uint8."""
+def load_image_set(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None,
+                   skip: bool = False) -> ClassData:
+    """A seeded, nested subset of n unlabeled images -> images [m, 3, S, S] uint8 (m = n less any
+    unreadable files when skipping); labels are the subset's positions in the sorted file list."""
     paths = list_images(root)
     if n > len(paths):
         raise DataError(f"{n} pre-training images requested but {root} holds {len(paths)}; "
                         f"lower grid.pretrain_sizes or point data.images at a larger folder")
-    chosen = [paths[i] for i in sorted(nested_subset(len(paths), n, seed))]
-    return _chw(cached_stack(chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
-                            (0, size, size, 3)))
+    order = sorted(nested_subset(len(paths), n, seed))
+    chosen = [paths[i] for i in order]
+    arr, bad = cached_stack(chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
+                            (0, size, size, 3), skip)
+    keep = [i for i in range(len(chosen)) if i not in set(bad)]
+    return ClassData(_chw(arr[keep]), torch.tensor(order, dtype=torch.long)[keep], [], [str(chosen[i]) for i in bad])
+
+
+def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The images of load_image_set, unreadable files being an error."""
+    return load_image_set(root, n, size, seed, cache_dir).images

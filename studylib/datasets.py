@@ -15,6 +15,7 @@ class DataPaths:
     intel: Path
     images: Path
     cache: Path
+    skip_unreadable: bool = False
 
 
 def synth_spec(values: dict) -> SynthSpec:
@@ -43,5 +44,5 @@ def resolve_data(data: dict | None) -> DataPaths:
         spec = synth_spec(d.synth)
         root = Path(d.root) if d.root else default_synth_root(spec)
         out = write_synthetic(root, spec)
-        return DataPaths(out["pets"], out["intel"], out["images"], cache)
-    return DataPaths(Path(d.pets), Path(d.intel), Path(d.images), cache)
+        return DataPaths(out["pets"], out["intel"], out["images"], cache, d.skip_unreadable)
+    return DataPaths(Path(d.pets), Path(d.intel), Path(d.images), cache, d.skip_unreadable)

@@ -67,11 +67,14 @@ def plan(cfg: StudyConfig) -> list[Run]:
             for inter in g.intermediate:
                 if inter and pre is None:
                     continue          # the intermediate stage is only applied to pre-trained encoders
-                parent = pre
-                if inter:
-                    parent = add(Run("intermediate", {**common, "settings": asdict(cfg.intermediate), "seed": seed},
-                                     parent=pre, labels={"pretrain_size": p_size, "seed": seed}))
                 for f_size in g.finetune_sizes:
+                    parent = pre
+                    if inter:
+                        params = {**common, "settings": asdict(cfg.intermediate), "seed": seed}
+                        if not cfg.intermediate.share:   # the authors' pipeline: one per downstream run
+                            params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}
+                        parent = add(Run("intermediate", params, parent=pre,
+                                         labels={"pretrain_size": p_size, "seed": seed}))
                     add(Run("segment", {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
                             parent=parent, labels={"protocol": cfg.protocol, "pretrain_size": p_size,
                                                    "intermediate": inter, "finetune_size": f_size, "seed": seed}))

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 
 from . import augment as A
 from .config import IntermediateConfig, PretrainConfig, SegmentConfig, build
-from .data import PET_CLASSES, load_images, load_intel, load_pets, nested_subset
+from .data import PET_CLASSES, SegData, load_image_set, load_intel, load_pets, nested_subset
 from .datasets import resolve_data
 from .metrics import ClassificationMeter, SegmentationMeter
 from .mim import mim_loss, random_masks
@@ -91,7 +91,9 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed))
     cfg = task.encoder.cfg
-    images = load_images(paths.images, size, cfg.img_size, seed, paths.cache)
+    cached = round(cfg.img_size * (1 + s.cache_margin))    # crops are taken from a slightly larger copy
+    image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable)
+    images = image_set.images
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
     def batch(idx, g, boxes=None):
@@ -120,7 +122,8 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
     examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
     if _is_finished(run_dir):
         return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
-    metrics = {"stage": "pretrain", "images": len(images), "epochs": s.epochs, "final_train_loss": history[-1]["loss"],
+    metrics = {"stage": "pretrain", "images": len(images), "skipped": image_set.skipped, "epochs": s.epochs,
+               "final_train_loss": history[-1]["loss"],
                "eval_masked_l1": eval_loss, "train_seconds": round(time.time() - t0, 2), "device": str(dev)}
     _finish(run_dir, task, metrics, {"stage": "pretrain", "images": len(images)})
     return StageResult(run_dir, metrics, history, examples)
@@ -130,20 +133,25 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
 
 def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None,
                  settings: dict | None = None, parent_dir: str = "", seed: int = 0,
-                 device: str = "auto") -> StageResult:
-    """Fine-tune the encoder (through its CLS token) to classify Intel scenes."""
+                 device: str = "auto", downstream: dict | None = None) -> StageResult:
+    """Fine-tune the encoder (through its CLS token) to classify Intel scenes. `downstream` only names
+    the segmentation run this one serves when runs are not shared (the paper's pipeline)."""
     s = build(IntermediateConfig, settings or {}, "intermediate")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed)
     S = enc.cfg.img_size
-    train, test = load_intel(paths.intel, "train", S, paths.cache), load_intel(paths.intel, "test", S, paths.cache)
+    train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable)
+    test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable)
     task = Classifier(enc, len(train.classes))
     K = len(train.classes)
+    frozen = _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) \
+        if s.frozen_augmentation else None
 
     def step(idx, g):
+        p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         x = A.to_float(train.images[idx].to(dev))
-        grid = A.affine_grid(A.full_boxes(len(x)), A.random_flips(len(x), g), S, dev)
-        x = A.adjust_contrast(A.warp_images(x, grid), A.contrast_factors(len(x), s.contrast, g))
+        grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)
+        x = A.adjust_contrast(A.warp_images(x, grid), p["contrast"])
         x, y = A.mixup(A.normalize(x), train.labels[idx].to(dev), K, s.mixup_alpha, g)
         return torch.sum(-y * F.log_softmax(task(x).float(), dim=-1), dim=-1).mean()
 
@@ -161,6 +169,7 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
     if finished:
         return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
     metrics = {"stage": "intermediate", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
+               "skipped": train.skipped + test.skipped, "downstream": downstream,
                "top1": result["top1"], "confusion_matrix": result["confusion_matrix"], "classes": train.classes,
                "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
                "device": str(dev)}
@@ -175,8 +184,8 @@ def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_siz
     subset of test.txt (the same for every fine-tune size and seed). 'pooled' (the paper): trainval
     and test pooled, one seeded permutation, train = the first n, test = the next test_size, so the
     test set moves with the fine-tune size."""
-    trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache)
-    test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache)
+    trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
+    test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     if s.split == "pooled":
         pool = _concat(trainval, test)
         if n_train + s.test_size > len(pool):
@@ -192,14 +201,14 @@ def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_siz
     return trainval.subset(nested_subset(len(trainval), n_train, seed)), test.subset(nested_subset(len(test), s.test_size, 0))
 
 
-def _concat(a, b):
-    from .data import SegData
+def _concat(a: SegData, b: SegData) -> SegData:
     return SegData(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), a.names + b.names,
-                   torch.cat([a.labels, b.labels]))
+                   torch.cat([a.labels, b.labels]), a.skipped + b.skipped)
 
 
-def _seg_aug_params(n: int, s: SegmentConfig, g: torch.Generator) -> dict:
-    return {"flip": A.random_flips(n, g), "contrast": A.contrast_factors(n, s.contrast, g)}
+def _flip_contrast(n: int, contrast: float, g: torch.Generator) -> dict:
+    """Per-image draws of the flip and contrast jitter (drawn once per epoch, or once for all)."""
+    return {"flip": A.random_flips(n, g), "contrast": A.contrast_factors(n, contrast, g)}
 
 
 def _seg_apply(images, masks, p: dict, s: SegmentConfig, dev, augment: bool = True):
@@ -221,10 +230,10 @@ def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = Non
     train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
     task = Segmenter(enc, len(PET_CLASSES))
     # the paper froze one random augmentation per image for all epochs (and the test set)
-    frozen = _seg_aug_params(len(train), s, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
+    frozen = _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
 
     def step(idx, g):
-        p = {k: v[idx] for k, v in frozen.items()} if frozen else _seg_aug_params(len(idx), s, g)
+        p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         x, y = _seg_apply(train.images[idx], train.masks[idx], p, s, dev)
         logits = task(x).float()                                          # [B, K, H, W]
         if s.spatial_log_softmax:    # the authors' extra normalisation over the pixel axis
@@ -237,7 +246,7 @@ def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = Non
     if finished:
         _restore(run_dir, task)
     task.to(dev).eval()
-    test_aug = _seg_aug_params(len(test), s, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
+    test_aug = _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
     meter, preds = SegmentationMeter(len(PET_CLASSES), PET_CLASSES), []
 
     def predict(sl):
@@ -254,6 +263,7 @@ def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = Non
     if finished:
         return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
     metrics = {"stage": "segment", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
+               "skipped": sorted(set(train.skipped + test.skipped)),
                **report, "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
                "device": str(dev)}
     _finish(run_dir, task, metrics, {"stage": "segment"})

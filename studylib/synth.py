@@ -2,12 +2,18 @@
 
 The images are designed so the study's questions stay meaningful for a tiny ViT trained for minutes on a CPU:
 
-* Pets: a compound blob (body, head, ears, legs, tail) filled with a breed texture (stripes, spots, fur, patches,
-  curls) over a background from other texture families (gradients, blotches, gratings, tiles, grain, cross-hatch).
-  Pet and background colours come from the same palette, so across images colour is a weak cue and segmentation
-  needs local texture and shape. Background distractor blobs mean "any blob" is not a pet either.
-* Unlabeled images reuse the same textures and objects (pet-like animals, textured blobs, scenes), so inpainting
-  masked patches teaches exactly the texture/part features that segmentation needs.
+* Pets: a compound blob (body, head, ears, legs, tail) whose proportions are drawn per image, wearing a coat from
+  a continuous texture space: every image draws its own family (warped stripes, spots, fur, curls, rosettes,
+  patches), frequency, orientation, spot size, sharpness, polarity, contrast and colours, sometimes two-tone.
+  Breeds are only tendencies over this space (favoured families and fineness), so a few labelled images cover a
+  small corner of all the coats a pet can wear. Backgrounds come from the same generator but favour geometric,
+  man-made or smooth families (gratings, tiles, cross-hatch, rings, grain, blotches, gradients) at overlapping
+  frequencies, and a few wear animal-like textures, so colour says nothing and texture energy little: the
+  kind of texture, the outline and the contrast with the surroundings do. Distractor blobs mean "any blob" is not a
+  pet either.
+* Unlabeled images are drawn from the same rich distribution (mostly pet-like animals, plus textured objects and
+  scenes), so inpainting masked patches over thousands of them covers the coat and background variety that a few
+  labelled images do not, which is where pre-training can pay off.
 * Intel scenes are told apart by global statistics (hue/brightness distribution, dominant orientation and
   frequency, horizon/vanishing-point layout), with deliberate overlap (glacier/mountain/sea, buildings/street), so a
   pooled CLS classifier does well while being pushed toward global rather than spatial features.
@@ -31,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 # Bump when the images change, so an old SYNTH.json no longer matches and stale data is not reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 6
 
 # Capitalised names are cats and lowercase names dogs, as in the real dataset.
 BREEDS = ("Tigrine", "Leopardine", "Smokey", "brindle_hound", "patched_pointer", "curly_poodle")
@@ -173,7 +179,7 @@ def _freq(rng: np.random.Generator, fine: float, lo: float = 2.0, hi: float = 16
 
 
 def random_texture(rng: np.random.Generator, h: int, w: int, family: str, axis: float | None = None,
-                   fine: float = 0.5) -> np.ndarray:
+                   fine: float = 0.5, contrast: tuple[float, float] = (0.45, 1.0)) -> np.ndarray:
     """One texture of `family` with random parameters; `axis` (if given) is what oriented textures follow."""
     theta = rng.uniform(0, np.pi) if axis is None else axis + np.pi / 2 + rng.normal(0, 0.35)
     if family == "stripes":
@@ -218,7 +224,7 @@ def random_texture(rng: np.random.Generator, h: int, w: int, family: str, axis: 
     t = _normalise(np.asarray(t, np.float32))
     if rng.uniform() < 0.5:  # either polarity: dark marks on light or light on dark
         t = 1 - t
-    c = rng.uniform(0.45, 1.0)  # contrast of the pattern itself
+    c = rng.uniform(*contrast)  # contrast of the pattern itself
     return (0.5 + c * (t - 0.5)).astype(np.float32)
 
 
@@ -232,16 +238,16 @@ _BACKGROUND_FAMILY_P = {"gradient": 0.08, "blotches": 0.1, "tiles": 0.16, "grain
 
 def background_texture(rng: np.random.Generator, h: int, w: int, family: str | None = None) -> np.ndarray:
     family = family or str(rng.choice(list(_BACKGROUND_FAMILY_P), p=list(_BACKGROUND_FAMILY_P.values())))
-    return random_texture(rng, h, w, family, fine=rng.uniform(0.15, 0.85))
+    return random_texture(rng, h, w, family, fine=rng.uniform(0.3, 1.0), contrast=(0.6, 1.0))
 
 
 # Each breed favours a few families and a fineness; any breed sometimes wears any animal-like texture.
 _BREED_STYLE = {
-    "Tigrine": ({"stripes": 0.7, "fur": 0.15, "rosettes": 0.15}, 0.65),
-    "Leopardine": ({"spots": 0.55, "rosettes": 0.35, "patches": 0.1}, 0.7),
+    "Tigrine": ({"stripes": 0.7, "fur": 0.15, "rosettes": 0.15}, 0.7),
+    "Leopardine": ({"spots": 0.55, "rosettes": 0.35, "patches": 0.1}, 0.75),
     "Smokey": ({"fur": 0.8, "stripes": 0.2}, 0.8),
-    "brindle_hound": ({"fur": 0.5, "stripes": 0.5}, 0.45),
-    "patched_pointer": ({"patches": 0.7, "spots": 0.15, "fur": 0.15}, 0.5),
+    "brindle_hound": ({"fur": 0.5, "stripes": 0.5}, 0.6),
+    "patched_pointer": ({"patches": 0.7, "spots": 0.15, "fur": 0.15}, 0.65),
     "curly_poodle": ({"curls": 0.8, "spots": 0.2}, 0.6),
 }
 _ANIMAL_FAMILIES = ("stripes", "spots", "fur", "curls", "patches", "rosettes")
@@ -256,7 +262,8 @@ def breed_texture(rng: np.random.Generator, breed: str, h: int, w: int, axis: fl
         family = str(rng.choice(list(families), p=list(families.values())))
     else:
         family = str(rng.choice(_ANIMAL_FAMILIES))
-    return random_texture(rng, h, w, family, axis, fine=float(np.clip(fine + rng.normal(0, 0.15), 0, 1)))
+    return random_texture(rng, h, w, family, axis, fine=float(np.clip(fine + rng.normal(0, 0.15), 0, 1)),
+                          contrast=(0.75, 1.0))
 
 
 # Breeds lean toward a hue half of the time (the other half they take any palette colour, like the background).
@@ -524,7 +531,7 @@ def render_scene(rng: np.random.Generator, cls: str, h: int, w: int) -> np.ndarr
 def render_unlabeled(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Pre-training image: pet-like animals, textured objects, or a scene, from the same visual vocabulary and
     the same rich appearance distribution as the Pets images (many coats, backgrounds and silhouettes)."""
-    kind = rng.choice(["animal", "objects", "scene"], p=[0.55, 0.3, 0.15])
+    kind = rng.choice(["animal", "objects", "scene"], p=[0.7, 0.2, 0.1])
     if kind == "animal":
         return render_pet(rng, str(rng.choice(BREEDS)), h, w)[0]
     if kind == "scene":

@@ -205,7 +205,7 @@ def _separation(a: np.ndarray, b: np.ndarray) -> float:
     return float(abs(a.mean() - b.mean()) / np.sqrt((a.var() + b.var()) / 2))
 
 
-def test_pets_differ_from_background_in_texture_not_colour(data):
+def test_neither_colour_nor_texture_energy_alone_finds_the_pet(data):
     pets = data["pets"]
     pet_px, bg_px, texture_higher, colour_higher = [], [], 0, np.zeros(3)
     for name in _pet_names(pets):
@@ -219,11 +219,13 @@ def test_pets_differ_from_background_in_texture_not_colour(data):
     pet, bg = np.concatenate(pet_px), np.concatenate(bg_px)
     texture = _separation(pet[:, 0], bg[:, 0])
     colour = max(_separation(pet[:, c], bg[:, c]) for c in (1, 2, 3))
-    # Pooled over images, a colour threshold cannot find the pet; local texture energy can, mostly.
+    # Pooled over images, a colour threshold cannot find the pet. Coats lean finer than backgrounds, so local
+    # texture energy is a cue, but a weak one: backgrounds wear textures just as busy (gratings, tiles, cross-hatch).
     assert colour < 0.35
-    assert texture > 0.5 and texture > 2 * colour
-    # Within images: the pet is nearly always the more textured region, but redder/greener/bluer only by chance.
-    assert texture_higher >= 0.8 * SPEC.pets
+    assert texture > 2 * colour and texture < 1.0
+    # Within images: the pet is more often than not the busier region, but far from always, and it is
+    # redder/greener/bluer only by chance.
+    assert 0.6 * SPEC.pets <= texture_higher <= 0.95 * SPEC.pets
     assert ((colour_higher > 0.3 * SPEC.pets) & (colour_higher < 0.7 * SPEC.pets)).all()
 
 
@@ -268,8 +270,10 @@ def test_scene_classes_show_in_global_statistics(data):
     assert _nearest_mean_accuracy(train, train, [0, 1, 2]) < 0.9
 
 
-def test_breeds_differ_in_texture():
-    # The same breed's coat is more alike across images than different breeds' coats (a simple energy spectrum).
+def test_breeds_are_tendencies_over_a_varied_texture_space():
+    # Breeds lean toward their own coats (a simple energy spectrum tells breed groups apart better than random
+    # groups of the same size), but every breed's coats vary a lot: two coats of one breed typically differ more
+    # than two breeds' average coats, so a few labelled images cannot show every coat a pet may wear.
     def spectrum(breed, i):
         rng = synth.image_rng(9, "pets", i)
         t = synth.breed_texture(rng, breed, 64, 64, axis=0.0)
@@ -277,8 +281,17 @@ def test_breeds_differ_in_texture():
         f = np.hypot(*np.meshgrid(np.fft.rfftfreq(64), np.fft.fftfreq(64)))
         return np.histogram(f, bins=8, range=(0, 0.5), weights=p)[0] / p.sum()
 
-    s = {b: np.stack([spectrum(b, i) for i in range(6)]) for b in synth.BREEDS}
-    within = np.mean([np.abs(v[:, None] - v[None]).sum(-1).mean() for v in s.values()])
-    centres = np.stack([v.mean(0) for v in s.values()])
-    between = np.abs(centres[:, None] - centres[None]).sum(-1)[np.triu_indices(len(centres), 1)].mean()
-    assert between > 2 * within
+    k = 24
+    x = np.stack([spectrum(b, i) for b in synth.BREEDS for i in range(k)])
+    labels = np.repeat(np.arange(len(synth.BREEDS)), k)
+
+    def between(lab):
+        centres = np.stack([x[lab == c].mean(0) for c in range(len(synth.BREEDS))])
+        return np.abs(centres[:, None] - centres[None]).sum(-1)[np.triu_indices(len(centres), 1)].mean()
+
+    rng = np.random.default_rng(0)
+    chance = np.mean([between(rng.permutation(labels)) for _ in range(20)])
+    within = np.mean([np.abs(x[labels == c][:, None] - x[labels == c][None]).sum(-1).mean()
+                      for c in range(len(synth.BREEDS))])
+    assert between(labels) > 1.5 * chance
+    assert within > between(labels)

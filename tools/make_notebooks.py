@@ -1,0 +1,124 @@
+"""Write the study's notebooks. The stage notebooks' parameter defaults are taken from
+params/smoke.yaml, so they always equal the smoke settings (tests/test_study.py checks it).
+Run after changing a stage's parameters:  .venv/bin/python tools/make_notebooks.py"""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import nbformat as nbf
+from studylib import config, grid
+cfg = config.load(ROOT / "params" / "smoke.yaml")
+plan = grid.plan(cfg)
+first = {s: next(r for r in plan if r.stage == s) for s in grid.STAGES}
+
+def params_cell(stage, extra_comment):
+    p = first[stage].params
+    lines = ['# Parameters: papermill replaces these per run; the defaults are the smoke settings (seconds on a CPU).',
+             '# run_dir: where this run writes (empty: a fresh temporary folder)',
+             'run_dir = ""',
+             f'# parent_dir: {extra_comment}',
+             'parent_dir = ""',
+             '# device: auto, cpu or cuda',
+             'device = "auto"',
+             f'model = {p["model"]!r}',
+             f'data = {p["data"]!r}',
+             f'settings = {p["settings"]!r}']
+    if "size" in p:
+        lines.append(f'size = {p["size"]}')
+    lines.append(f'seed = {p["seed"]}')
+    if stage == "intermediate":
+        lines += ['# downstream: the segmentation run this one serves, set only when runs are not shared (protocol paper)',
+                  'downstream = None']
+    c = nbf.v4.new_code_cell("\n".join(lines))
+    c.metadata["tags"] = ["parameters"]
+    return c
+
+def nb(cells):
+    n = nbf.v4.new_notebook()
+    n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    n.metadata["language_info"] = {"name": "python"}
+    n.cells = cells
+    return n
+
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+
+pre = nb([
+    md("# Stage 1 - masked image modelling\n\nA fresh ViNy encoder learns to fill in masked patches of unlabeled images "
+       "(SimMIM: a learned mask token replaces half of the patch embeddings *before* the encoder, and a linear head "
+       "predicts the missing pixels; L1 loss on the masked patches only). The hypothesis under test is that this "
+       "teaches local texture and part features that later make segmentation cheaper in labels.\n\n"
+       "`study run` executes this notebook once per pre-training run; opened by hand it runs the smoke settings."),
+    params_cell("pretrain", "unused: pre-training always starts from a fresh encoder"),
+    code("from studylib import plots, stages\n\n"
+         "result = stages.pretrain(run_dir, model=model, data=data, settings=settings, size=size, seed=seed, device=device)\n"
+         "result.metrics"),
+    md("How far did the loss fall? (Empty when this run had already finished: the log is in `train_log.jsonl`.)"),
+    code("plots.training_curve(result.history, 'masked-patch L1 loss') if result.history else None"),
+    md("Reconstructions of held-out views: the masked patches are filled in by the model, visible ones pasted back. "
+       "Blurry but correctly coloured and textured fills mean the encoder has learned something about the images."),
+    code("plots.reconstructions(result.examples)"),
+    code("# NBVAL_CHECK_OUTPUT\nprint(result.metrics['images'], result.metrics['epochs'])"),
+])
+
+inter = nb([
+    md("# Stage 2 - intermediate scene classification (optional)\n\nThe pre-trained encoder is fine-tuned to classify "
+       "Intel scenes through its CLS token (cross-entropy with MixUp). The paper found this extra supervised stage "
+       "*hurts* the later segmentation, most where pre-training helped most; the geometry analysis blames "
+       "image-level supervision collapsing the spatial structure of the patch tokens.\n\n"
+       "Opened by hand (empty `parent_dir`) it starts from a fresh encoder with the smoke settings."),
+    params_cell("intermediate", "the pre-training run whose encoder is fine-tuned (empty: a fresh encoder)"),
+    code("from studylib import plots, stages\n\n"
+         "result = stages.intermediate(run_dir, model=model, data=data, settings=settings, parent_dir=parent_dir,\n"
+         "                             seed=seed, device=device, downstream=downstream)\n"
+         "{k: v for k, v in result.metrics.items() if k != 'confusion_matrix'}"),
+    code("plots.training_curve(result.history, 'classification loss') if result.history else None"),
+    md("Which scenes does the classifier confuse? (Rows: true class; colour: fraction of the row; numbers: counts.)"),
+    code("plots.confusion(result.examples)"),
+    code("# NBVAL_CHECK_OUTPUT\nprint(len(result.metrics['classes']), result.metrics['test_images'])"),
+])
+
+seg = nb([
+    md("# Stage 3 - trimap segmentation\n\nThe encoder (fresh, pre-trained, or pre-trained + intermediate) gets the "
+       "paper's per-patch head, a single linear layer that maps each patch token to its 16x16 pixels x 3 class "
+       "logits (pet, background, boundary), and everything is fine-tuned on `size` labelled images. Metrics: pixel "
+       "accuracy, the paper's per-image mIoU and the dataset-level mIoU."),
+    params_cell("segment", "the run whose encoder to start from, pre-training or intermediate (empty: a fresh encoder)"),
+    code("from studylib import plots, stages\n\n"
+         "result = stages.segment(run_dir, model=model, data=data, settings=settings, parent_dir=parent_dir,\n"
+         "                        size=size, seed=seed, device=device)\n"
+         "result.metrics"),
+    code("plots.training_curve(result.history, 'pixel cross-entropy') if result.history else None"),
+    md("Predicted trimaps against the truth on test images (orange pet, blue background, pale boundary; "
+       "white in the last column marks wrong pixels). A per-patch linear head cannot draw sharper than its patch grid "
+       "allows without help from the encoder, so look at the outlines."),
+    code("plots.segmentations(result.examples)"),
+    code("# NBVAL_CHECK_OUTPUT\nprint(result.metrics['train_images'], result.metrics['test_images'])"),
+])
+
+res = nb([
+    md("# Results\n\nThe study's tables in the paper's layout (mean +- std over seeds; one row per pre-training size and "
+       "arm, one column per fine-tune size) and the scaling curves. `study run` executes this notebook after a "
+       "study; open it in JupyterLab to explore."),
+    (lambda c: (c.metadata.__setitem__("tags", ["parameters"]), c)[1])(code(
+        '# the run store, and the study whose runs to show (empty: every run in the store)\n'
+        'runs_dir = "../runs"\n'
+        'params_file = "../params/demo.yaml"')),
+    code("from studylib import config, grid, plots, results\n\n"
+         "plan = grid.plan(config.load(params_file)) if params_file else None\n"
+         "df = results.collect(runs_dir, plan)\n"
+         "print(f'{len(df)} finished segmentation runs')"),
+    md("mIoU (per image, as the paper computes it):"),
+    code("results.paper_table(df, 'miou') if len(df) else 'no finished runs yet: run `make study`'"),
+    md("Pixel accuracy and the dataset-level mIoU:"),
+    code("results.paper_table(df, 'pixel_acc') if len(df) else None"),
+    code("results.paper_table(df, 'miou_dataset') if len(df) else None"),
+    md("mIoU against the number of labelled images. The paper's claims, read off this plot: pre-training lifts the "
+       "curve most at the left (few labels); the lifts shrink to the right (diminishing returns); the dashed "
+       "intermediate-stage curves sit below their solid counterparts."),
+    code("plots.scaling_curves(df) if len(df) else None"),
+])
+
+for name, n in [("01_pretrain", pre), ("02_intermediate", inter), ("03_segment", seg), ("results", res)]:
+    nbf.write(n, ROOT / "notebooks" / f"{name}.ipynb")
+print("ok")
