@@ -56,7 +56,7 @@ def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path =
     atomic_write_json(d / "params.json", {"stage": run.stage, "id": run.id, "labels": run.labels,
                                           "parent": run.parent.id if run.parent else None, "parameters": params})
     pm.execute_notebook(str(notebooks / NOTEBOOKS[run.stage]), str(d / "notebook.ipynb"), parameters=params,
-                        kernel_name="python3", progress_bar=False, cwd=str(d))
+                        kernel_name="python3", progress_bar=False)   # no cwd=: papermill's chdir is process-wide
     if not is_done(d):
         raise RuntimeError(f"the {run.stage} notebook finished without writing metrics.json")
 
@@ -64,9 +64,10 @@ def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path =
 def execute(plan: list[Run], runs: str | Path, device: str = "auto", cache: str = "", workers: int = 1,
             notebooks: Path = NOTEBOOK_DIR, echo=print) -> Summary:
     """Run every unfinished run of the plan, up to `workers` at once, each after its parent."""
-    runs = Path(runs)
-    cache = cache or str((runs / "cache").resolve())
+    runs = Path(runs).resolve()
+    cache = cache or str(runs / "cache")
     os.environ["STUDYLIB_PROGRESS"] = "0"   # kernels inherit it: no bars inside executed notebooks
+    os.environ["STUDYLIB_CACHE"] = cache    # ...and the store's cache, where synthetic data is written too
     summary = Summary(done=[r.id for r in plan if is_done(r.dir(runs))])
     pending = [r for r in plan if not is_done(r.dir(runs))]
     finished, bad = set(summary.done), set()
