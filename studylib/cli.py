@@ -23,6 +23,26 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    import json
+
+    from .datacheck import check
+    print(json.dumps(check(args.kind, args.root), indent=2))
+    return 0
+
+
+def cmd_data_get(args) -> int:
+    from . import download
+    if args.kind == "pets":
+        print(download.get_pets(args.root))
+    else:
+        if not (args.url and args.sha256):
+            print("study: error: intel needs --url (a mirror of the Kaggle archive) and --sha256", file=sys.stderr)
+            return 2
+        print(download.get_archive(args.url, args.root, args.sha256))
+    return 0
+
+
 def cmd_plan(args) -> int:
     from . import config, grid
     from .runner import is_done
@@ -91,6 +111,16 @@ def parser() -> argparse.ArgumentParser:
     for flag in ("seed", "pets", "unlabeled", "intel-train-per-class", "intel-test-per-class"):
         s.add_argument(f"--{flag}", type=int)
     s.set_defaults(fn=cmd_data_synth)
+    s = d.add_parser("check", help="counts, classes, trimap values, sizes, modes and unreadable files, as JSON")
+    s.add_argument("kind", choices=["pets", "intel", "images"])
+    s.add_argument("root")
+    s.set_defaults(fn=cmd_data_check)
+    s = d.add_parser("get", help="download a dataset (pets through torchvision; intel from a mirror URL)")
+    s.add_argument("kind", choices=["pets", "intel"])
+    s.add_argument("root")
+    s.add_argument("--url", help="intel: URL of a zip/tar of the Kaggle archive")
+    s.add_argument("--sha256", help="intel: the archive's SHA-256")
+    s.set_defaults(fn=cmd_data_get)
 
     for name, fn, text in (("plan", cmd_plan, "list the runs of a study and their state"),
                            ("run", cmd_run, "run every unfinished stage run of a study")):
@@ -116,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ParamError, DataError, FileNotFoundError) as e:
+    except (ParamError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 2
 

@@ -88,7 +88,7 @@ class SegmentConfig(StageConfig):
     normalize: bool = True           # paper quirk (False): Pets inputs not ImageNet-normalised
     interpolation: str = "bilinear"  # paper quirk ("nearest"): images resized with nearest neighbour
     spatial_log_softmax: bool = False   # paper quirk: extra log-softmax over pixels before the CE
-    split: str = "official"          # paper quirk ("pooled"): seeded split of trainval+test that moves with the size
+    split: str = "fixed"             # fixed test subset of trainval+test; "official": the lists; paper: "pooled"
     frozen_augmentation: bool = False   # paper quirk: one random augmentation per image, frozen for all epochs
     test_augmentation: bool = False     # paper quirk: the frozen random flip/jitter also applied to the test set
 
@@ -236,8 +236,8 @@ def validate(cfg: StudyConfig) -> None:
             raise ParamError(f"{name}.milestones: fractions of the epochs in (0, 1], got {s.milestones}")
     if not 0 < cfg.pretrain.mask_ratio < 1:
         raise ParamError(f"pretrain.mask_ratio: must be in (0, 1), got {cfg.pretrain.mask_ratio}")
-    if cfg.segment.split not in ("official", "pooled"):
-        raise ParamError(f"segment.split: {cfg.segment.split!r} is not one of official, pooled")
+    if cfg.segment.split not in ("fixed", "official", "pooled"):
+        raise ParamError(f"segment.split: {cfg.segment.split!r} is not one of fixed, official, pooled")
     if cfg.segment.interpolation not in ("bilinear", "nearest", "bicubic"):
         raise ParamError("segment.interpolation: one of bilinear, nearest, bicubic")
     from .model import model_config

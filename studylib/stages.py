@@ -180,25 +180,35 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
 
 def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_size: int):
-    """Train and test sets. 'official': train = a seeded nested subset of trainval, test = a fixed
-    subset of test.txt (the same for every fine-tune size and seed). 'pooled' (the paper): trainval
-    and test pooled, one seeded permutation, train = the first n, test = the next test_size, so the
-    test set moves with the fine-tune size."""
+    """Train and test sets of the Pets data (trainval and test lists).
+    'fixed' (clean): both lists pooled; the test set is one seeded subset (seed 0) that is the same
+      for every fine-tune size and seed; train sets are nested seeded subsets of the rest.
+    'official': train = a nested seeded subset of trainval, test = a fixed subset of test.txt.
+    'pooled' (the paper): one permutation per seed, train = the first n, test = the next test_size,
+      so the test set moves with the fine-tune size."""
     trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
+    if s.split == "official":
+        _check_sizes(n_train, len(trainval), s.test_size, len(test), "trainval", "test.txt")
+        return (trainval.subset(nested_subset(len(trainval), n_train, seed)),
+                test.subset(nested_subset(len(test), s.test_size, 0)))
+    pool = _concat(trainval, test)
+    _check_sizes(n_train, len(pool) - s.test_size, s.test_size, len(pool), "the pooled data less the test set",
+                 "the pooled data")
     if s.split == "pooled":
-        pool = _concat(trainval, test)
-        if n_train + s.test_size > len(pool):
-            raise ValueError(f"segment: {n_train} train + {s.test_size} test images requested but the pooled "
-                             f"Pets data holds {len(pool)}; lower grid.finetune_sizes or segment.test_size")
         perm = nested_subset(len(pool), len(pool), seed)
         return pool.subset(perm[:n_train]), pool.subset(perm[n_train:n_train + s.test_size])
-    if n_train > len(trainval):
-        raise ValueError(f"segment: fine-tune size {n_train} is larger than trainval ({len(trainval)} images); "
-                         f"lower grid.finetune_sizes")
-    if s.test_size > len(test):
-        raise ValueError(f"segment.test_size {s.test_size} is larger than test.txt ({len(test)} images); lower it")
-    return trainval.subset(nested_subset(len(trainval), n_train, seed)), test.subset(nested_subset(len(test), s.test_size, 0))
+    fixed = nested_subset(len(pool), len(pool), 0)
+    rest = fixed[s.test_size:]
+    return pool.subset(rest[nested_subset(len(rest), n_train, seed)]), pool.subset(fixed[:s.test_size])
+
+
+def _check_sizes(n_train: int, train_avail: int, n_test: int, test_avail: int, train_name: str, test_name: str):
+    if n_test > test_avail:
+        raise ValueError(f"segment.test_size {n_test} is larger than {test_name} ({test_avail} images); lower it")
+    if n_train > train_avail:
+        raise ValueError(f"segment: fine-tune size {n_train} is larger than {train_name} ({train_avail} images); "
+                         f"lower grid.finetune_sizes or segment.test_size")
 
 
 def _concat(a: SegData, b: SegData) -> SegData:

@@ -85,7 +85,7 @@ def test_failed_run_is_recorded_and_blocks_only_its_dependents(tmp_path):
     assert len(summary.ran) == 1 and len(summary.failed) == 1
     failed = next(r for r in plan if r.id == summary.failed[0])
     error = json.loads((failed.dir(tmp_path) / "error.json").read_text())
-    assert "larger than trainval" in error["error"]
+    assert "fine-tune size 500 is larger than" in error["error"]
 
 
 def _smoke_values() -> dict:
