@@ -46,14 +46,17 @@ def cmd_data_get(args) -> int:
 def cmd_plan(args) -> int:
     from . import config, grid
     from .runner import is_done
-    cfg = config.load(args.params)
-    runs = grid.plan(cfg)
-    for r in runs:
-        state = "done" if is_done(r.dir(args.runs)) else ("failed" if (r.dir(args.runs) / "error.json").exists()
-                                                          else "todo")
-        print(f"{state:7s} {r.describe()}")
-    counts = {s: sum(r.stage == s for r in runs) for s in grid.STAGES}
-    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    plan = grid.plan(config.load(args.params))
+    states = {}
+    for r in plan:
+        d = r.dir(args.runs)
+        states[r.id] = "done" if is_done(d) else ("failed" if (d / "error.json").exists() else "todo")
+        print(f"{states[r.id]:7s} {r.describe()}")
+    for stage in grid.STAGES:
+        runs = [r for r in plan if r.stage == stage]
+        todo = [r for r in runs if states[r.id] != "done"]
+        steps = sum(grid.image_steps(r) for r in todo)
+        print(f"{stage}: {len(runs)} runs ({len(todo)} to do), {steps:,} image-steps to do")
     return 0
 
 
@@ -64,7 +67,9 @@ def cmd_run(args) -> int:
     device = args.device or cfg.device
     print(f"{cfg.name}: {len(plan)} stage runs ({', '.join(f'{sum(r.stage == s for r in plan)} {s}' for s in grid.STAGES)})"
           f" into {args.runs}/")
-    summary = runner.execute(plan, args.runs, device=device, cache=str(Path(cfg.data.cache).resolve()) if cfg.data.cache else "", workers=args.workers or cfg.workers)
+    cache = str(Path(cfg.data.cache).resolve()) if cfg.data.cache else ""
+    summary = runner.execute(plan, args.runs, device=device, cache=cache, workers=args.workers or cfg.workers,
+                             executor=args.executor or cfg.executor, cluster=cfg.cluster)
     print(summary.line())
     from .results import collect, format_tables
     print()
@@ -130,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--device", choices=["auto", "cpu", "cuda"])
             s.add_argument("--workers", type=int, help="stage runs at once (default: the file's `workers`)")
+            s.add_argument("--executor", choices=["local", "slurm", "submitit-local"],
+                           help="where runs execute (default: the file's `executor`)")
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
         s.set_defaults(fn=fn)
 

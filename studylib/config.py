@@ -99,7 +99,9 @@ class StudyConfig:
     model: str = "viny"
     protocol: str = "clean"
     device: str = "auto"             # auto | cpu | cuda
-    workers: int = 2                 # stage runs executed at once by `study run`
+    workers: int = 2                 # stage runs executed at once by `study run` (executor local)
+    executor: str = "local"          # local | slurm (submitit job arrays) | submitit-local
+    cluster: dict = field(default_factory=dict)   # submitit parameters, e.g. slurm_partition, gpus_per_node
     data: DataConfig = field(default_factory=DataConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -211,6 +213,8 @@ def validate(cfg: StudyConfig) -> None:
         raise ParamError(f"model: unknown {cfg.model!r}; valid: {', '.join(MODELS)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ParamError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
+    if cfg.executor not in ("local", "slurm", "submitit-local"):
+        raise ParamError(f"executor: {cfg.executor!r} is not one of local, slurm, submitit-local")
     if cfg.workers < 1:
         raise ParamError(f"workers: at least 1, got {cfg.workers}")
     if cfg.data.kind not in ("synthetic", "real"):

@@ -79,3 +79,18 @@ def plan(cfg: StudyConfig) -> list[Run]:
                             parent=parent, labels={"protocol": cfg.protocol, "pretrain_size": p_size,
                                                    "intermediate": inter, "finetune_size": f_size, "seed": seed}))
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
+
+
+def image_steps(run: Run) -> int:
+    """Training images processed by a run: dataset size x epochs (the unit of the cost estimates)."""
+    epochs = run.params["settings"]["epochs"]
+    if run.stage != "intermediate":
+        return run.params["size"] * epochs
+    data = run.params["data"]
+    if data["kind"] == "synthetic":
+        from .datasets import synth_spec
+        from .data import INTEL_CLASSES
+        return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES) * epochs
+    from .data import IMAGE_EXTENSIONS, intel_split_dir
+    base = intel_split_dir(data["intel"], "train")
+    return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in base.rglob("*")) * epochs

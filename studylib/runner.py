@@ -15,8 +15,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .grid import NOTEBOOKS, Run
-from .store import atomic_write_json
+from . import provenance
+from .grid import NOTEBOOKS, STAGES, Run
+from .locks import RunLock
+from .store import atomic_write_json, read_json
+from .train import progress_enabled
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -27,14 +30,15 @@ class Summary:
     ran: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)   # a parent failed
+    elsewhere: list[str] = field(default_factory=list) # finished by another runner meanwhile
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.blocked
 
     def line(self) -> str:
-        return (f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.failed)} failed, "
-                f"{len(self.blocked)} skipped because a parent failed")
+        return (f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.elsewhere)} finished by another "
+                f"runner, {len(self.failed)} failed, {len(self.blocked)} skipped because a parent failed")
 
 
 def is_done(run_dir: Path) -> bool:
@@ -55,74 +59,140 @@ def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path =
     params = notebook_parameters(run, runs, device, cache)
     atomic_write_json(d / "params.json", {"stage": run.stage, "id": run.id, "labels": run.labels,
                                           "parent": run.parent.id if run.parent else None, "parameters": params})
-    pm.execute_notebook(str(notebooks / NOTEBOOKS[run.stage]), str(d / "notebook.ipynb"), parameters=params,
-                        kernel_name="python3", progress_bar=False)   # no cwd=: papermill's chdir is process-wide
+    partial = d / ".notebook.partial.ipynb"   # papermill saves as it goes: publish only whole notebooks
+    try:
+        pm.execute_notebook(str(notebooks / NOTEBOOKS[run.stage]), str(partial), parameters=params,
+                            kernel_name="python3", progress_bar=False)   # no cwd=: papermill's chdir is process-wide
+    except BaseException:
+        if partial.exists():
+            os.replace(partial, d / "notebook-failed.ipynb")
+        raise
+    os.replace(partial, d / "notebook.ipynb")
     if not is_done(d):
         raise RuntimeError(f"the {run.stage} notebook finished without writing metrics.json")
 
 
+def _record_failure(run: Run, runs: Path, e: Exception) -> str:
+    atomic_write_json(run.dir(runs) / "error.json", {"error": f"{type(e).__name__}: {e}"[:4000],
+                                                     "traceback": traceback.format_exc()})
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR):
+    """Execute one run under its lock -> (status, message, seconds); status is 'ran', 'failed' or
+    'elsewhere' (another runner finished it while this one waited for the lock). Never raises."""
+    os.environ["STUDYLIB_PROGRESS"] = "0"   # kernels inherit these: no bars in executed notebooks,
+    os.environ["STUDYLIB_CACHE"] = cache    # and the store's cache, where synthetic data goes too
+    d, t0 = run.dir(runs), time.time()
+    with RunLock(d, ".runner.lock"):
+        if is_done(d):
+            return "elsewhere", None, 0.0
+        try:
+            execute_run(run, runs, device, cache, notebooks)
+        except Exception as e:  # recorded, never raised: one bad run must not lose the others
+            return "failed", _record_failure(run, runs, e), time.time() - t0
+        metrics = read_json(d / "metrics.json", {})
+        atomic_write_json(d / "provenance.json", provenance.record(
+            NOTEBOOK_DIR.parent, run.params.get("seed"), metrics.get("device", device), t0, time.time()))
+        (d / "error.json").unlink(missing_ok=True)
+    return "ran", None, time.time() - t0
+
+
+class _Book:
+    """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked."""
+
+    def __init__(self, plan: list[Run], runs: Path, echo):
+        self.summary = Summary(done=[r.id for r in plan if is_done(r.dir(runs))])
+        self.pending = [r for r in plan if not is_done(r.dir(runs))]
+        self.finished, self.bad, self.echo = set(self.summary.done), set(), echo
+        self.bar = tqdm(total=len(self.pending), desc="runs", disable=not progress_enabled())
+
+    def ready(self, run: Run) -> bool | None:
+        """True: can start; None: blocked by a failed parent (recorded); False: wait."""
+        parent = run.parent.id if run.parent else None
+        if parent in self.bad:
+            self.bad.add(run.id)
+            self.summary.blocked.append(run.id)
+            self.bar.update(1)
+            return None
+        return parent is None or parent in self.finished
+
+    def outcome(self, run: Run, status: str, message: str | None, seconds: float) -> None:
+        self.bar.update(1)
+        if status == "failed":
+            self.bad.add(run.id)
+            self.summary.failed.append(run.id)
+            self.echo(f"FAILED {run.describe()}: {message}")
+            return
+        self.finished.add(run.id)
+        (self.summary.ran if status == "ran" else self.summary.elsewhere).append(run.id)
+        if not progress_enabled():
+            self.echo(f"{'done' if status == 'ran' else 'finished elsewhere'} {run.describe()} in {seconds:.1f}s")
+
+
 def execute(plan: list[Run], runs: str | Path, device: str = "auto", cache: str = "", workers: int = 1,
-            notebooks: Path = NOTEBOOK_DIR, echo=print) -> Summary:
-    """Run every unfinished run of the plan, up to `workers` at once, each after its parent."""
+            executor: str = "local", cluster: dict | None = None, notebooks: Path = NOTEBOOK_DIR,
+            echo=print) -> Summary:
+    """Run every unfinished run of the plan, each after its parent. `executor`: 'local' (up to
+    `workers` runs at once on this machine), 'slurm' (a submitit job array per stage; `cluster` holds
+    submitit parameters such as slurm_partition, gpus_per_node, timeout_min) or 'submitit-local'
+    (the same path through submitit's local executor, for testing)."""
     runs = Path(runs).resolve()
     cache = cache or str(runs / "cache")
-    os.environ["STUDYLIB_PROGRESS"] = "0"   # kernels inherit it: no bars inside executed notebooks
-    os.environ["STUDYLIB_CACHE"] = cache    # ...and the store's cache, where synthetic data is written too
-    summary = Summary(done=[r.id for r in plan if is_done(r.dir(runs))])
-    pending = [r for r in plan if not is_done(r.dir(runs))]
-    finished, bad = set(summary.done), set()
+    book = _Book(plan, runs, echo)
+    if executor == "local":
+        _execute_local(book, runs, device, cache, workers, notebooks)
+    elif executor in ("slurm", "submitit-local"):
+        _execute_submitit(book, runs, device, cache, executor, cluster or {}, notebooks)
+    else:
+        raise ValueError(f"unknown executor {executor!r}; valid: local, slurm, submitit-local")
+    book.bar.close()
+    return book.summary
+
+
+def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: int, notebooks: Path) -> None:
     # share the cores between concurrent kernels instead of oversubscribing them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    bar = tqdm(total=len(pending), desc="runs", disable=not _tty())
     with ThreadPoolExecutor(max_workers=workers) as pool:
         running: dict = {}
-        while pending or running:
-            for run in list(pending):
-                parent = run.parent.id if run.parent else None
-                if parent in bad:
-                    pending.remove(run)
-                    bad.add(run.id)
-                    summary.blocked.append(run.id)
-                    bar.update(1)
-                elif (parent is None or parent in finished) and len(running) < workers:
-                    pending.remove(run)
-                    running[pool.submit(_attempt, run, runs, device, cache, notebooks)] = run
+        while book.pending or running:
+            for run in list(book.pending):
+                state = book.ready(run)
+                if state is None:
+                    book.pending.remove(run)
+                elif state and len(running) < workers:
+                    book.pending.remove(run)
+                    running[pool.submit(attempt, run, runs, device, cache, notebooks)] = run
             if not running:
-                if pending:   # cannot happen for a plan from grid.plan: parents always come first
-                    raise RuntimeError(f"runs whose parents are not in the plan: {[r.id for r in pending]}")
+                if book.pending:   # cannot happen for a plan from grid.plan: parents always come first
+                    raise RuntimeError(f"runs whose parents are not in the plan: {[r.id for r in book.pending]}")
                 continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                run = running.pop(fut)
-                error, seconds = fut.result()
-                bar.update(1)
-                if error is None:
-                    finished.add(run.id)
-                    summary.ran.append(run.id)
-                    if not _tty():
-                        echo(f"done {run.describe()} in {seconds:.1f}s")
-                else:
-                    bad.add(run.id)
-                    summary.failed.append(run.id)
-                    echo(f"FAILED {run.describe()}: {error}")
-    bar.close()
-    return summary
+                book.outcome(running.pop(fut), *fut.result())
 
 
-def _attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path):
-    """Execute one run; record a failure in error.json instead of raising. -> (error line or None, seconds)"""
-    t0 = time.time()
-    try:
-        execute_run(run, runs, device, cache, notebooks)
-    except Exception as e:  # one bad run must not lose the others
-        atomic_write_json(run.dir(runs) / "error.json", {"error": f"{type(e).__name__}: {e}"[:4000],
-                                                         "traceback": traceback.format_exc()})
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        return (lines[-1] if lines else type(e).__name__), time.time() - t0
-    (run.dir(runs) / "error.json").unlink(missing_ok=True)
-    return None, time.time() - t0
-
-
-def _tty() -> bool:
-    from .train import progress_enabled
-    return progress_enabled()
+def _execute_submitit(book: _Book, runs: Path, device: str, cache: str, executor: str, cluster: dict,
+                      notebooks: Path) -> None:
+    """One job array per stage (a stage's runs only depend on earlier stages); the run store must be
+    on a filesystem the cluster's nodes share."""
+    import submitit
+    ex = submitit.AutoExecutor(folder=str(runs / "submitit" / "%j"),
+                               cluster="local" if executor == "submitit-local" else "slurm")
+    ex.update_parameters(**{"timeout_min": 24 * 60, **cluster})
+    for stage in STAGES:
+        wave = []
+        for run in [r for r in book.pending if r.stage == stage]:
+            book.pending.remove(run)
+            if book.ready(run):
+                wave.append(run)
+        if not wave:
+            continue
+        n = len(wave)
+        jobs = ex.map_array(attempt, wave, [runs] * n, [device] * n, [cache] * n, [notebooks] * n)
+        for run, job in zip(wave, jobs):
+            try:
+                book.outcome(run, *job.result())
+            except Exception as e:  # the job itself died (node failure, timeout): record it like a failure
+                book.outcome(run, "failed", _record_failure(run, runs, e), 0.0)

@@ -10,6 +10,7 @@ the run is finished). Calling a stage on a finished folder trains nothing and re
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from . import augment as A
 from .config import IntermediateConfig, PretrainConfig, SegmentConfig, build
 from .data import PET_CLASSES, SegData, load_image_set, load_intel, load_pets, nested_subset
 from .datasets import resolve_data
+from .locks import RunLock
 from .metrics import ClassificationMeter, SegmentationMeter
 from .mim import mim_loss, random_masks
 from .model import Classifier, MaskedImageModel, Segmenter, build_encoder
@@ -44,6 +46,17 @@ class StageResult:
 
 def _run_dir(run_dir: str) -> Path:
     return Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="studylib-run-"))
+
+
+def exclusive(stage):
+    """Hold the run folder's stage lock while the stage works: two processes (say, an orphaned
+    kernel and a resumed run) never train into the same folder at once."""
+    @functools.wraps(stage)
+    def locked(run_dir: str = "", *args, **kwargs):
+        folder = _run_dir(run_dir)
+        with RunLock(folder, ".stage.lock"):
+            return stage(str(folder), *args, **kwargs)
+    return locked
 
 
 def _schedule(s) -> Schedule:
@@ -84,6 +97,7 @@ def _batched(fn, n: int, bs: int = EVAL_BATCH):
 
 # ---------------------------------------------------------------- stage 1: masked image modelling
 
+@exclusive
 def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
              size: int = 64, seed: int = 0, device: str = "auto") -> StageResult:
     """SimMIM pre-training of a fresh encoder on `size` unlabeled images."""
@@ -131,6 +145,7 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
 
 # ---------------------------------------------------------------- stage 2: scene classification
 
+@exclusive
 def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None,
                  settings: dict | None = None, parent_dir: str = "", seed: int = 0,
                  device: str = "auto", downstream: dict | None = None) -> StageResult:
@@ -231,6 +246,7 @@ def _seg_apply(images, masks, p: dict, s: SegmentConfig, dev, augment: bool = Tr
     return (A.normalize(x) if s.normalize else x), y
 
 
+@exclusive
 def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
             parent_dir: str = "", size: int = 32, seed: int = 0, device: str = "auto") -> StageResult:
     """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""

@@ -1,0 +1,134 @@
+"""The runner's guarantees: locks that survive a crashed holder, two runners never running the same
+run, SIGKILL then resume, the submitit path, provenance, and the plan listing."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from studylib import cli, config, grid, runner
+from studylib.locks import RunLock
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = [sys.executable, "-m", "studylib.cli"]
+
+
+def _params(tmp_path: Path, **grid_values) -> Path:
+    values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    values["grid"].update(grid_values)
+    values["data"]["cache"] = str(tmp_path / "cache")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); from studylib.locks import RunLock; "
+        "l = RunLock(%r); l.acquire(); print('held', flush=True); time.sleep(60)") % (str(ROOT), str(tmp_path))],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert not RunLock(tmp_path).acquire(blocking=False)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock = RunLock(tmp_path)
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
+def test_two_runners_on_one_store_execute_each_run_once(tmp_path):
+    params = _params(tmp_path, pretrain_sizes=[0, 32], intermediate=[False], finetune_sizes=[8, 16])
+    runs = tmp_path / "runs"
+    cmd = STUDY + ["run", str(params), "--runs", str(runs), "--workers", "1", "--no-notebook"]
+    env = {**os.environ, "CI": "true"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ran = [int(re.search(r"(\d+) ran, (\d+) already done, (\d+) finished by another", o).group(1)) for o in outs]
+    plan = grid.plan(config.load(params))
+    assert sum(ran) == len(plan) == 5
+    for run in plan:   # each run's training log was written by one execution: one line per epoch
+        lines = (run.dir(runs) / "train_log.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == list(range(1, len(lines) + 1))
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    for p in parent.children(recursive=True) + [parent]:
+        p.kill()
+    proc.wait()
+
+
+def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path):
+    values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    values["grid"].update(pretrain_sizes=[64], intermediate=[False], finetune_sizes=[8])
+    values["pretrain"].update(epochs=40)
+    values["data"]["cache"] = str(tmp_path / "cache")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(values))
+    plan = grid.plan(config.load(params))
+    pre = next(r for r in plan if r.stage == "pretrain")
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(STUDY + ["run", str(params), "--runs", str(killed), "--workers", "1", "--no-notebook"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "CI": "true"})
+    log = pre.dir(killed) / "train_log.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    _kill_tree(proc)
+    assert not (pre.dir(killed) / "metrics.json").exists(), "the run finished before it could be killed"
+    assert (pre.dir(killed) / "checkpoint.safetensors").exists()
+
+    assert runner.execute(plan, killed, device="cpu", echo=lambda *_: None).ok
+    assert runner.execute(plan, tmp_path / "whole", device="cpu", echo=lambda *_: None).ok
+    for run in plan:
+        a = json.loads((run.dir(killed) / "metrics.json").read_text())
+        b = json.loads((run.dir(tmp_path / "whole") / "metrics.json").read_text())
+        for key in ("final_train_loss", "eval_masked_l1", "miou_per_image", "pixel_acc"):
+            assert a.get(key) == b.get(key), (run.stage, key)
+    epochs = [json.loads(x)["epoch"] for x in log.read_text().splitlines()]
+    assert epochs == list(range(1, 41))
+
+
+def test_submitit_executor_runs_a_tiny_grid(tmp_path):
+    params = _params(tmp_path, pretrain_sizes=[0, 32], intermediate=[False], finetune_sizes=[8])
+    plan = grid.plan(config.load(params))
+    summary = runner.execute(plan, tmp_path / "runs", device="cpu", executor="submitit-local",
+                             cluster={"timeout_min": 10}, echo=lambda *_: None)
+    assert summary.ok and len(summary.ran) == 3
+    assert all((r.dir(tmp_path / "runs") / "metrics.json").exists() for r in plan)
+
+
+def test_each_run_records_its_provenance(tmp_path):
+    params = _params(tmp_path, pretrain_sizes=[0], intermediate=[False], finetune_sizes=[8])
+    plan = grid.plan(config.load(params))
+    assert runner.execute(plan, tmp_path / "runs", device="cpu", echo=lambda *_: None).ok
+    prov = json.loads((plan[0].dir(tmp_path / "runs") / "provenance.json").read_text())
+    assert prov["seed"] == 0 and prov["device"] == "cpu" and prov["wall_seconds"] > 0
+    assert prov["packages"]["torch"] and prov["packages"]["timm"]
+    assert len(prov["git"]["commit"] or "x" * 40) == 40
+    assert (plan[0].dir(tmp_path / "runs") / "notebook.ipynb").exists()
+    assert not list(plan[0].dir(tmp_path / "runs").glob(".notebook*"))
+
+
+def test_plan_lists_states_and_image_steps(tmp_path, capsys):
+    params = _params(tmp_path, pretrain_sizes=[0, 32], intermediate=[False, True], finetune_sizes=[8, 16])
+    assert cli.main(["plan", str(params), "--runs", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("todo") == 1 + 1 + 6
+    # pretrain 32 images x 2 epochs; segment (8 + 16) x 2 epochs x 3 arms; intermediate 8 x 6 classes x 1 epoch
+    assert "pretrain: 1 runs (1 to do), 64 image-steps to do" in out
+    assert "segment: 6 runs (6 to do), 144 image-steps to do" in out
+    assert "intermediate: 1 runs (1 to do), 48 image-steps to do" in out
