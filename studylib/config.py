@@ -33,7 +33,9 @@ class DataConfig:
 @dataclass
 class GridConfig:
     pretrain_sizes: list[int] = field(default_factory=lambda: [0])   # 0 = no pre-training
-    intermediate: list[bool] = field(default_factory=lambda: [False])  # arms: without / with the Intel stage
+    # intermediate arms: none, intel (the paper's CLS scene stage), pets-breeds (CLS on Pets breeds),
+    # spatial (per-patch trimap classes); true/false are read as intel/none
+    intermediate: list[str] = field(default_factory=lambda: ["none"])
     finetune_sizes: list[int] = field(default_factory=lambda: [250])
     seeds: list[int] = field(default_factory=lambda: [0])
 
@@ -188,7 +190,12 @@ def resolve(values: dict) -> StudyConfig:
     protocol = values.get("protocol", "clean")
     if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         raise ParamError(f"protocol: unknown value {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    cfg = build(StudyConfig, _merge(PROTOCOLS[protocol], values))
+    values = _merge(PROTOCOLS[protocol], values)
+    arms = values.get("grid", {}).get("intermediate") if isinstance(values.get("grid"), dict) else None
+    if isinstance(arms, list):
+        values["grid"] = {**values["grid"], "intermediate": [
+            {True: "intel", False: "none"}[a] if isinstance(a, bool) else a for a in arms]}
+    cfg = build(StudyConfig, values)
     validate(cfg)
     return cfg
 
@@ -221,7 +228,7 @@ def validate(cfg: StudyConfig) -> None:
         raise ParamError(f"data.kind: {cfg.data.kind!r} is not one of synthetic, real")
     if cfg.data.kind == "real":
         needed = ["pets"] + (["images"] if any(cfg.grid.pretrain_sizes) else []) + \
-                 (["intel"] if any(cfg.grid.intermediate) else [])
+                 (["intel"] if "intel" in cfg.grid.intermediate else [])
         for key in needed:
             if not getattr(cfg.data, key):
                 raise ParamError(f"data.{key}: required for data.kind=real with this grid (the dataset's folder)")
@@ -230,6 +237,10 @@ def validate(cfg: StudyConfig) -> None:
         vals = getattr(g, key)
         if not vals or len(set(vals)) != len(vals) or min(vals) < 0:
             raise ParamError(f"grid.{key}: needs distinct non-negative values, got {vals}")
+    arms = ("none", "intel", "pets-breeds", "spatial")
+    if not g.intermediate or len(set(g.intermediate)) != len(g.intermediate) or not set(g.intermediate) <= set(arms):
+        raise ParamError(f"grid.intermediate: distinct arms among {', '.join(arms)} (true/false mean intel/none), "
+                         f"got {g.intermediate}")
     if 0 in g.finetune_sizes:
         raise ParamError("grid.finetune_sizes: 0 labelled images cannot train a segmenter")
     for name in ("pretrain", "intermediate", "segment"):

@@ -64,20 +64,23 @@ def plan(cfg: StudyConfig) -> list[Run]:
             if p_size:
                 pre = add(Run("pretrain", {**common, "settings": asdict(cfg.pretrain), "size": p_size, "seed": seed},
                               labels={"pretrain_size": p_size, "seed": seed}))
-            for inter in g.intermediate:
-                if inter and pre is None:
+            for arm in g.intermediate:
+                if arm != "none" and pre is None:
                     continue          # the intermediate stage is only applied to pre-trained encoders
                 for f_size in g.finetune_sizes:
                     parent = pre
-                    if inter:
-                        params = {**common, "settings": asdict(cfg.intermediate), "seed": seed}
+                    if arm != "none":
+                        params = {**common, "settings": asdict(cfg.intermediate), "seed": seed, "arm": arm}
+                        if arm != "intel":        # Pets arms: the downstream split defines their images
+                            params["pets_split"] = {k: asdict(cfg.segment)[k]
+                                                    for k in ("split", "test_size", "interpolation")}
                         if not cfg.intermediate.share:   # the authors' pipeline: one per downstream run
                             params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}
                         parent = add(Run("intermediate", params, parent=pre,
-                                         labels={"pretrain_size": p_size, "seed": seed}))
+                                         labels={"pretrain_size": p_size, "arm": arm, "seed": seed}))
                     add(Run("segment", {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
                             parent=parent, labels={"protocol": cfg.protocol, "pretrain_size": p_size,
-                                                   "intermediate": inter, "finetune_size": f_size, "seed": seed}))
+                                                   "intermediate": arm, "finetune_size": f_size, "seed": seed}))
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
 
 

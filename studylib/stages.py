@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
@@ -27,7 +28,7 @@ from .datasets import resolve_data
 from .locks import RunLock
 from .metrics import ClassificationMeter, SegmentationMeter
 from .mim import mim_loss, random_masks
-from .model import Classifier, MaskedImageModel, Segmenter, build_encoder
+from .model import Classifier, MaskedImageModel, PatchClassifier, Segmenter, build_encoder
 from .store import atomic_write_bytes, atomic_write_json, read_json
 from .train import CHECKPOINT, Schedule, fit, load_encoder, resolve_device, save_encoder
 
@@ -145,20 +146,43 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
 
 # ---------------------------------------------------------------- stage 2: scene classification
 
+ARMS = ("none", "intel", "pets-breeds", "spatial")
+
+
 @exclusive
 def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None,
-                 settings: dict | None = None, parent_dir: str = "", seed: int = 0,
-                 device: str = "auto", downstream: dict | None = None) -> StageResult:
-    """Fine-tune the encoder (through its CLS token) to classify Intel scenes. `downstream` only names
-    the segmentation run this one serves when runs are not shared (the paper's pipeline)."""
+                 settings: dict | None = None, parent_dir: str = "", seed: int = 0, device: str = "auto",
+                 arm: str = "intel", pets_split: dict | None = None, downstream: dict | None = None) -> StageResult:
+    """Fine-tune the encoder on an intermediate task (the `arm`):
+    'intel'        CLS classification of Intel scenes (the paper's stage);
+    'pets-breeds'  CLS classification of Pets breeds;
+    'spatial'      a linear head on every patch token predicting its patch's majority trimap class.
+    The Pets arms train on images outside the downstream test split (`pets_split` holds the segment
+    split settings that define it). `downstream` names the segmentation run this one serves when runs
+    are not shared (the paper's pipeline)."""
+    if arm not in ARMS[1:]:
+        raise ValueError(f"intermediate arm {arm!r} is not one of {', '.join(ARMS[1:])}")
     s = build(IntermediateConfig, settings or {}, "intermediate")
-    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    run_dir, dev, paths = Path(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed)
     S = enc.cfg.img_size
-    train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable)
-    test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable)
-    task = Classifier(enc, len(train.classes))
-    K = len(train.classes)
+    if arm == "intel":
+        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable)
+        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable)
+        classes, train_y, test_y = train.classes, train.labels, test.labels
+    else:
+        seg = build(SegmentConfig, pets_split or {}, "pets_split")
+        n = (downstream or {}).get("finetune_size", 0)
+        train, test = segmentation_split(paths, seg, n, seed, S, all_but_test=True)
+        if arm == "pets-breeds":
+            K = int(torch.cat([train.labels, test.labels]).max()) + 1
+            classes, train_y, test_y = [str(k + 1) for k in range(K)], train.labels, test.labels
+        else:
+            from .geometry import patch_labels
+            classes = list(PET_CLASSES)
+            train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
+    K = len(classes)
+    task = PatchClassifier(enc, K) if arm == "spatial" else Classifier(enc, K)
     frozen = _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) \
         if s.frozen_augmentation else None
 
@@ -166,56 +190,65 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         x = A.to_float(train.images[idx].to(dev))
         grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)
-        x = A.adjust_contrast(A.warp_images(x, grid), p["contrast"])
-        x, y = A.mixup(A.normalize(x), train.labels[idx].to(dev), K, s.mixup_alpha, g)
+        x = A.normalize(A.adjust_contrast(A.warp_images(x, grid), p["contrast"]))
+        y = train_y[idx].to(dev)
+        if arm == "spatial":       # flip the patch labels with the image; no MixUp for a dense target
+            g_ = enc.cfg.grid
+            y = torch.where(p["flip"].to(dev).view(-1, 1, 1), y.view(-1, g_, g_).flip(-1), y.view(-1, g_, g_))
+            return F.cross_entropy(task(x).float().flatten(0, 1), y.reshape(-1))
+        x, y = A.mixup(x, y, K, s.mixup_alpha, g)
         return torch.sum(-y * F.log_softmax(task(x).float(), dim=-1), dim=-1).mean()
 
     t0 = time.time()
     finished = _is_finished(run_dir)
-    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, "intermediate")
+    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, f"intermediate {arm}")
     if finished:
         _restore(run_dir, task)
     task.to(dev).eval()
     meter = ClassificationMeter(K)
     for i, logits in _batched(lambda sl: task(A.normalize(A.to_float(test.images[sl].to(dev)))), len(test)):
-        meter.update(logits.float().cpu(), test.labels[i:i + len(logits)])
+        meter.update(logits.float().cpu().reshape(-1, K), test_y[i:i + len(logits)].reshape(-1))
     result = meter.compute()
-    examples = {"confusion": result["confusion_matrix"], "classes": train.classes}
+    examples = {"confusion": result["confusion_matrix"], "classes": classes}
     if finished:
         return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
-    metrics = {"stage": "intermediate", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
-               "skipped": train.skipped + test.skipped, "downstream": downstream,
-               "top1": result["top1"], "confusion_matrix": result["confusion_matrix"], "classes": train.classes,
+    metrics = {"stage": "intermediate", "arm": arm, "train_images": len(train), "test_images": len(test),
+               "epochs": s.epochs, "skipped": sorted(set(train.skipped + test.skipped)), "downstream": downstream,
+               "top1": result["top1"], "confusion_matrix": result["confusion_matrix"], "classes": classes,
                "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
                "device": str(dev)}
-    _finish(run_dir, task, metrics, {"stage": "intermediate"})
+    _finish(run_dir, task, metrics, {"stage": "intermediate", "arm": arm})
     return StageResult(run_dir, metrics, history, examples)
 
 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
 
-def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_size: int):
+def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_size: int, all_but_test: bool = False):
     """Train and test sets of the Pets data (trainval and test lists).
     'fixed' (clean): both lists pooled; the test set is one seeded subset (seed 0) that is the same
       for every fine-tune size and seed; train sets are nested seeded subsets of the rest.
     'official': train = a nested seeded subset of trainval, test = a fixed subset of test.txt.
     'pooled' (the paper): one permutation per seed, train = the first n, test = the next test_size,
-      so the test set moves with the fine-tune size."""
+      so the test set moves with the fine-tune size.
+    With `all_but_test`, the train set is every image outside that test set (intermediate arms)."""
     trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     if s.split == "official":
         _check_sizes(n_train, len(trainval), s.test_size, len(test), "trainval", "test.txt")
-        return (trainval.subset(nested_subset(len(trainval), n_train, seed)),
-                test.subset(nested_subset(len(test), s.test_size, 0)))
+        train_idx = np.arange(len(trainval)) if all_but_test else nested_subset(len(trainval), n_train, seed)
+        return trainval.subset(train_idx), test.subset(nested_subset(len(test), s.test_size, 0))
     pool = _concat(trainval, test)
     _check_sizes(n_train, len(pool) - s.test_size, s.test_size, len(pool), "the pooled data less the test set",
                  "the pooled data")
     if s.split == "pooled":
         perm = nested_subset(len(pool), len(pool), seed)
-        return pool.subset(perm[:n_train]), pool.subset(perm[n_train:n_train + s.test_size])
+        test_idx = perm[n_train:n_train + s.test_size]
+        train_idx = np.concatenate([perm[:n_train], perm[n_train + s.test_size:]]) if all_but_test else perm[:n_train]
+        return pool.subset(train_idx), pool.subset(test_idx)
     fixed = nested_subset(len(pool), len(pool), 0)
     rest = fixed[s.test_size:]
-    return pool.subset(rest[nested_subset(len(rest), n_train, seed)]), pool.subset(fixed[:s.test_size])
+    train_idx = rest if all_but_test else rest[nested_subset(len(rest), n_train, seed)]
+    return pool.subset(train_idx), pool.subset(fixed[:s.test_size])
 
 
 def _check_sizes(n_train: int, train_avail: int, n_test: int, test_avail: int, train_name: str, test_name: str):

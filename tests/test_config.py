@@ -25,7 +25,7 @@ def test_smoke_file_exists_and_loads():
     cfg = C.load(PARAMS / "smoke.yaml")
     assert cfg.name == "smoke" and cfg.model == "viny-tiny" and cfg.protocol == "clean"
     assert cfg.grid.pretrain_sizes == [0, 32]
-    assert cfg.grid.intermediate == [False, True]
+    assert cfg.grid.intermediate == ["none", "intel", "spatial"]
     assert cfg.pretrain.epochs == 2 and cfg.pretrain.batch_size == 16
     assert cfg.segment.test_size == 16
     # untouched keys keep the stage defaults

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from studylib import config as C
 from studylib.grid import STAGES, plan
 
@@ -51,11 +53,12 @@ def test_parent_structure():
         elif r.stage == "intermediate":
             assert r.parent.stage == "pretrain"
             assert r.parent.labels == {"pretrain_size": r.labels["pretrain_size"], "seed": r.labels["seed"]}
+            assert r.labels["arm"] == r.params["arm"] == "intel"
         else:
             lab = r.labels
             if lab["pretrain_size"] == 0:
-                assert r.parent is None and lab["intermediate"] is False
-            elif lab["intermediate"]:
+                assert r.parent is None and lab["intermediate"] == "none"
+            elif lab["intermediate"] != "none":
                 assert r.parent.stage == "intermediate"
             else:
                 assert r.parent.stage == "pretrain"
@@ -102,7 +105,7 @@ def test_intermediate_setting_changes_intermediate_and_its_children():
     base, other = plan(_cfg()), plan(_cfg(intermediate={"mixup_alpha": 0.2}))
     changed = _diff(base, other)
     expect = {_key(r) for r in base if r.stage == "intermediate" or
-              (r.stage == "segment" and r.labels["intermediate"])}
+              (r.stage == "segment" and r.labels["intermediate"] != "none")}
     assert changed == expect
 
 
@@ -131,3 +134,23 @@ def test_a_larger_grid_keeps_the_ids_of_the_smaller_one():
                                 "seeds": [0]}})
     big_ids = {r.id for r in plan(_cfg())}
     assert {r.id for r in plan(small)} <= big_ids
+
+
+def test_every_intermediate_arm_gets_its_own_runs_and_pets_arms_know_the_split():
+    cfg = C.resolve({"model": "viny-tiny", "grid": {"pretrain_sizes": [0, 10],
+                     "intermediate": ["none", "intel", "pets-breeds", "spatial"], "finetune_sizes": [4, 8]}})
+    runs = plan(cfg)
+    inter = {r.params["arm"]: r for r in runs if r.stage == "intermediate"}
+    assert set(inter) == {"intel", "pets-breeds", "spatial"}
+    assert "pets_split" not in inter["intel"].params
+    assert inter["spatial"].params["pets_split"] == {"split": "fixed", "test_size": 1000, "interpolation": "bilinear"}
+    segs = [r for r in runs if r.stage == "segment"]
+    assert len(segs) == (1 + 4) * 2
+    assert {r.labels["intermediate"] for r in segs} == {"none", "intel", "pets-breeds", "spatial"}
+
+
+def test_booleans_still_name_the_papers_two_arms():
+    cfg = C.resolve({"grid": {"intermediate": [False, True]}})
+    assert cfg.grid.intermediate == ["none", "intel"]
+    with pytest.raises(C.ParamError, match="spatial"):
+        C.resolve({"grid": {"intermediate": ["none", "spacial"]}})

@@ -97,26 +97,39 @@ seg = nb([
 ])
 
 res = nb([
-    md("# Results\n\nThe study's tables in the paper's layout (mean +- std over seeds; one row per pre-training size and "
-       "arm, one column per fine-tune size) and the scaling curves. `study run` executes this notebook after a "
-       "study; open it in JupyterLab to explore."),
+    md("# Results\n\nThe study's tables in the paper's layout (mean +- std (runs) over seeds; one row per pre-training "
+       "size and arm, one column per fine-tune size), what the paper's findings rest on (pre-training gains and "
+       "intermediate-stage changes with 95% intervals), this study against the paper, and the findings tested. "
+       "`study run` executes this notebook after a study; open it in JupyterLab to explore."),
     (lambda c: (c.metadata.__setitem__("tags", ["parameters"]), c)[1])(code(
         '# the run store, and the study whose runs to show (empty: every run in the store)\n'
         'runs_dir = "../runs"\n'
         'params_file = "../params/demo.yaml"')),
-    code("from studylib import config, grid, plots, results\n\n"
+    code("from IPython.display import Markdown\n\n"
+         "from studylib import config, grid, plots, results\n\n"
          "plan = grid.plan(config.load(params_file)) if params_file else None\n"
          "df = results.collect(runs_dir, plan)\n"
          "print(f'{len(df)} finished segmentation runs')"),
-    md("mIoU (per image, as the paper computes it):"),
-    code("results.paper_table(df, 'miou') if len(df) else 'no finished runs yet: run `make study`'"),
-    md("Pixel accuracy and the dataset-level mIoU:"),
-    code("results.paper_table(df, 'pixel_acc') if len(df) else None"),
-    code("results.paper_table(df, 'miou_dataset') if len(df) else None"),
-    md("mIoU against the number of labelled images. The paper's claims, read off this plot: pre-training lifts the "
-       "curve most at the left (few labels); the lifts shrink to the right (diminishing returns); the dashed "
-       "intermediate-stage curves sit below their solid counterparts."),
-    code("plots.scaling_curves(df) if len(df) else None"),
+    md("## Explore\n\nPick a metric and a protocol: mIoU against the number of labelled images per arm (dashed: with "
+       "the intermediate stage; dotted: the paper's curves, for the metrics it reports; paper arms this study lacks "
+       "are hidden until clicked in the legend), the change the intermediate stage makes per cell (red: it hurts), "
+       "and the paper's findings tested on these runs. Needs a live kernel: the saved notebook keeps the static "
+       "copies below."),
+    code("plots.explore(df)"),
+    md("## Figures\n\nStatic copies for the first protocol (`results.select(df)`). The paper's claims, read off the "
+       "curves: pre-training lifts the curve most at the left (few labels); the lifts shrink to the right and with "
+       "each doubling of pre-training data (diminishing returns); the dashed intermediate-stage curves sit below "
+       "their solid counterparts."),
+    code("plots.scaling_curves(results.select(df), 'miou', paper=results.paper_frame())"),
+    code("plots.intermediate_heatmap(results.intermediate_table(results.select(df), 'miou'))"),
+    md("## The paper's findings\n\nOne row per finding: *supported* when the 95% interval of its effect excludes 0 on "
+       "the claimed side, *mixed* when only one of its two parts holds, *not enough runs* without two seeds or the "
+       "arms and sizes it needs (see `results.claims` for the definitions)."),
+    code("results.claims_display(results.claims(results.select(df), 'miou'))"),
+    md("## Tables\n\nEverything, per protocol and metric: the paper-layout table, the pre-training gains, the "
+       "intermediate-stage changes, this study against the paper, the findings, and the same tests on the paper's "
+       "own table. (`study results --format markdown|csv|json` writes the same report.)"),
+    code("Markdown(results.render(df, 'markdown'))"),
 ])
 
 for name, n in [("01_pretrain", pre), ("02_intermediate", inter), ("03_segment", seg), ("results", res)]:

@@ -1,0 +1,281 @@
+"""The results module on hand-made frames whose numbers can be checked by hand: tables, differences
+with their intervals, the paper's tables, the comparison with them, the claims and the report formats."""
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from studylib import plots, results
+from studylib.results import (claims, collect, gain_table, intermediate_table, paper_comparison, paper_frame,
+                              paper_table, render, summary)
+
+T1 = 12.706        # t quantile 0.975, 1 degree of freedom (two seeds, paired)
+
+
+def runs(table: dict, protocol: str = "clean", seeds: dict | None = None) -> pd.DataFrame:
+    """A frame like collect()'s from {(pretrain_size, intermediate, finetune_size): [value per run]}; the
+    runs' seeds are 0, 1, ... unless seeds gives them per cell; pixel_acc = value + 30,
+    miou_dataset = value - 1."""
+    rows = []
+    for (p, i, f), values in table.items():
+        for seed, v in zip((seeds or {}).get((p, i, f), range(len(values))), values):
+            rows.append({"protocol": protocol, "pretrain_size": p, "intermediate": i, "finetune_size": f,
+                         "seed": seed, "id": f"{p}-{i}-{f}-{seed}", "miou": v, "pixel_acc": v + 30,
+                         "miou_dataset": v - 1})
+    return pd.DataFrame(rows)
+
+
+SMALL = runs({(0, False, 10): [40, 42], (200, False, 10): [50, 53], (200, True, 10): [47, 49]})
+
+
+# ------------------------------------------------------------------------------------ tables
+
+def test_summary_means_and_stds_are_over_seeds_with_ddof_1():
+    s = summary(SMALL, "miou").set_index(["pretrain_size", "intermediate", "finetune_size"])
+    assert s.loc[(0, False, 10), "mean"] == pytest.approx(41.0)
+    assert s.loc[(0, False, 10), "std"] == pytest.approx(1.414214, abs=1e-6)      # sqrt(2)
+    assert s.loc[(200, False, 10), "mean"] == pytest.approx(51.5)
+    assert s.loc[(200, False, 10), "std"] == pytest.approx(2.121320, abs=1e-6)    # 3 / sqrt(2)
+    assert list(s.n) == [2, 2, 2]
+
+
+def test_paper_table_layout_and_cells():
+    t = paper_table(SMALL, "miou")
+    assert list(t.index) == ["none", "200", "200 + intermediate"] and list(t.columns) == [10]
+    assert t.loc["none", 10] == "41.00 +- 1.41"
+    assert t.loc["200", 10] == "51.50 +- 2.12"
+    assert paper_table(SMALL, "pixel_acc", with_n=True).loc["200 + intermediate", 10] == "78.00 +- 1.41 (2)"
+    assert paper_table(SMALL.iloc[:0], "miou").empty
+
+
+def test_gain_is_paired_by_seed_with_a_t_interval():
+    g = gain_table(SMALL, "miou").iloc[0]
+    # per seed 50-40 = 10 and 53-42 = 11: mean 10.5, sd 0.7071, se 0.5, half width 12.706 * 0.5 = 6.353
+    assert (g.pretrain_size, g.finetune_size, g.n, g.method) == (200, 10, 2, "paired")
+    assert (g["diff"], g.lo, g.hi) == pytest.approx((10.5, 4.147, 16.853))
+    assert gain_table(SMALL, "miou", pivot=True).loc[200, 10] == "+10.50 [+4.15, +16.85] (2)"
+
+
+def test_intermediate_change_is_with_minus_without():
+    t = intermediate_table(SMALL, "miou").iloc[0]
+    # per seed 47-50 = -3 and 49-53 = -4
+    assert (t["diff"], t.lo, t.hi, t.n) == pytest.approx((-3.5, -9.853, 2.853, 2))
+
+
+def test_welch_when_the_seeds_differ():
+    df = runs({(0, False, 10): [40, 42], (100, False, 10): [45, 47, 49]})
+    g = gain_table(df, "miou").iloc[0]
+    # 48 - 41 = 7; se^2 = 4/3 + 2/2 = 2.3333; Welch df = 2.3333^2 / ((4/3)^2/2 + 1^2/1) = 2.88 -> t(2) = 4.303
+    assert g.method == "welch" and g.n == 2
+    assert (g["diff"], g.lo, g.hi) == pytest.approx((7.0, 0.42706, 13.57294), abs=1e-4)
+
+
+def test_one_seed_gives_a_difference_but_no_interval():
+    one = runs({(0, False, 10): [40], (200, False, 10): [50]})
+    g = gain_table(one, "miou").iloc[0]
+    assert g["diff"] == 10 and g.n == 1 and pd.isna(g.lo) and pd.isna(g.hi)
+    assert gain_table(one, "miou", pivot=True).loc[200, 10] == "+10.00 (1)"
+
+
+def test_t_quantiles():
+    assert results.t975(1) == 12.706 and results.t975(2.9) == 4.303 and results.t975(30) == 2.042
+    assert results.t975(31) == 1.96
+    with pytest.raises(ValueError):
+        results.t975(0.5)
+
+
+def test_protocols_are_never_pooled():
+    both = pd.concat([SMALL, runs({(0, False, 10): [30, 31]}, protocol="paper")])
+    assert results.protocols(both) == ["clean", "paper"]
+    with pytest.raises(ValueError, match="2 protocols"):
+        summary(both, "miou")
+    assert len(results.select(both, "paper")) == 2 and len(results.select(both)) == len(SMALL)
+
+
+def test_collect_of_an_empty_store(tmp_path):
+    df = collect(tmp_path)
+    assert df.empty and {"protocol", "seed", "miou", "pixel_acc", "miou_dataset"} <= set(df.columns)
+
+
+# ------------------------------------------------------------------------------------ paper
+
+def test_paper_frame_reproduces_the_papers_tables():
+    pf = paper_frame().set_index(["metric", "pretrain_size", "intermediate", "finetune_size"])
+    assert len(pf) == 2 * 7 * 6 and (pf.n == 3).all()
+    assert tuple(pf.loc[("miou", 0, False, 250), ["mean", "std"]]) == (43.73, 1.02)
+    assert pf.loc[("pixel_acc", 200000, True, 6000), "mean"] == 87.18
+    assert pf.loc[("pixel_acc", 200000, True, 6000), "std"] == 0.14
+    assert tuple(pf.loc[("miou", 45000, True, 2000), ["mean", "std"]]) == (59.38, 0.88)
+    assert paper_table(paper_frame(), "miou").loc["none", 250] == "43.73 +- 1.02"
+
+
+def _paper_plus_one() -> pd.DataFrame:
+    """A fake study: three runs per paper cell, m+1-s, m+1, m+1+s, so mean = paper + 1 and std = paper's."""
+    pf = paper_frame()
+    return pd.concat([runs({(r.pretrain_size, r.intermediate, r.finetune_size): [r.mean + 1 - r.std, r.mean + 1,
+                                                                               r.mean + 1 + r.std]
+                            for r in pf[pf.metric == m].itertuples()}).assign(metric=m) for m in ("miou", "pixel_acc")])
+
+
+def test_paper_comparison_differences():
+    fake = _paper_plus_one()
+    c = paper_comparison(fake[fake.metric == "miou"].drop(columns="metric"), "miou")
+    assert len(c) == 42
+    assert c["diff"].to_numpy() == pytest.approx([1.0] * 42)
+    assert c.study_std.to_numpy() == pytest.approx(c.paper_std.to_numpy())
+    none = c[(c.pretrain_size == 0) & (c.finetune_size == 250)].iloc[0]
+    # Welch with equal std 1.02 and n 3 on both sides: df = 4, half = 2.776 * 1.02 * sqrt(2/3) = 2.3119
+    assert (none.paper_mean, none.lo, none.hi) == pytest.approx((43.73, 1 - 2.3119, 1 + 2.3119), abs=1e-4)
+    acc = fake[fake.metric == "pixel_acc"].drop(columns="metric")
+    row = paper_comparison(acc, "pixel_acc").set_index(["pretrain_size", "intermediate", "finetune_size"])
+    assert row.loc[(200000, True, 6000), "paper_mean"] == 87.18
+    assert row.loc[(200000, True, 6000), "study_mean"] == pytest.approx(88.18)
+
+
+def test_paper_comparison_is_empty_for_other_sizes_and_says_so():
+    assert paper_comparison(SMALL, "miou").empty
+    assert paper_comparison(SMALL, "miou_dataset").empty
+    text = render(SMALL, "text", metrics=("miou", "miou_dataset"))
+    assert "no cell in common with the paper" in text
+    assert "the paper reports no mIoU % (dataset level)" in text
+
+
+# ------------------------------------------------------------------------------------ claims
+
+HELPS = {  # fine-tune sizes 10, 20, 40; pre-training helps most at 10, returns diminish, intermediate hurts
+    (0, False): [40, 50, 55], (100, False): [50, 57, 60], (200, False): [54, 60, 62],
+    (100, True): [46, 54, 58], (200, True): [47, 54, 58]}
+HURTS = {  # the opposite of every finding
+    (0, False): [40, 42, 50], (100, False): [41, 45, 55], (200, False): [43, 50, 62],
+    (100, True): [42, 47, 58], (200, True): [45, 54, 67]}
+
+
+def grid_runs(arms: dict, n_seeds: int = 2) -> pd.DataFrame:
+    """Runs for arms {(pretrain_size, intermediate): [value at 10, 20, 40]}: seed 0 the value, seed 1 the
+    value moved by -0.1, 0 or +0.1 (varying over cells, so per-seed differences vary too)."""
+    table = {}
+    for a, ((p, i), values) in enumerate(arms.items()):
+        for j, (f, v) in enumerate(zip((10, 20, 40), values)):
+            table[(p, i, f)] = [v, v + 0.1 * ((a + 2 * j) % 3) - 0.1][:n_seeds]
+    return runs(table)
+
+
+def _verdicts(df: pd.DataFrame) -> dict:
+    return dict(zip(claims(df, "miou").finding, claims(df, "miou").verdict))
+
+
+def test_claims_supported():
+    c = claims(grid_runs(HELPS), "miou").set_index("finding")
+    assert dict(c.verdict) == {"a": "supported", "b": "supported", "c": "supported"}
+    # (a): gain of 200 at 10 labels (54 - 40 = 14) minus at 40 labels (62 - 55 = 7), give or take the jitter
+    assert c.loc["a", "effect"] == pytest.approx(7.0, abs=0.2)
+    assert c.loc["a", "ci95"][0] > 0
+    # (c): changes -4 -3 -2 -7 -6 -4, mean -4.33
+    assert c.loc["c", "effect"] == pytest.approx(-26 / 6, abs=0.1) and c.loc["c", "ci95"][1] < 0
+    assert "negative in 6/6" in c.loc["c", "detail"] and "r = -" in c.loc["c", "detail"]
+
+
+def test_claim_parts_numbers_without_jitter():
+    exact = runs({(p, i, f): [v, v] for (p, i), vals in HELPS.items() for f, v in zip((10, 20, 40), vals)})
+    parts = results.claim_parts(exact, "miou").set_index("part")
+    assert parts.loc["fewer labels", "effect"] == pytest.approx(7.0)
+    assert parts.loc["labels", "effect"] == pytest.approx(10.0 - 5.0)          # per doubling: 10 then 5
+    assert parts.loc["pre-training", "effect"] == pytest.approx(22 / 3 - 3)    # first step 10,7,5; last 4,3,2
+    assert parts.loc["hurts", "effect"] == pytest.approx(-26 / 6)
+    assert parts.loc["fewer labels", "ci95"] == (7.0, 7.0)                    # identical seeds: zero width
+
+
+def test_claims_not_supported():
+    assert _verdicts(grid_runs(HURTS)) == {"a": "not supported", "b": "not supported", "c": "not supported"}
+
+
+def test_claims_mixed_when_one_axis_of_diminishing_returns_fails():
+    arms = {**HELPS, (0, False): [40, 44, 53]}    # per doubling 4 then 9: returns in labels grow
+    parts = results.claim_parts(grid_runs(arms), "miou").set_index("part")
+    assert parts.loc["labels", "verdict"] == "not supported"
+    assert parts.loc["pre-training", "verdict"] == "supported"
+    assert _verdicts(grid_runs(arms))["b"] == "mixed"
+
+
+def test_claims_need_two_seeds_and_the_arms():
+    assert set(_verdicts(grid_runs(HELPS, n_seeds=1)).values()) == {"not enough runs"}
+    one = claims(grid_runs(HELPS, n_seeds=1), "miou").set_index("finding")
+    assert one.loc["a", "effect"] == pytest.approx(7.0) and pd.isna(one.loc["a", "ci95"][0])
+    assert set(_verdicts(SMALL).values()) == {"not enough runs"}
+    assert set(_verdicts(SMALL.iloc[:0]).values()) == {"not enough runs"}
+
+
+def test_claims_on_the_papers_own_table():
+    c = claims(paper_frame(), "miou").set_index("finding")
+    assert c.loc["a", "verdict"] == "supported" and c.loc["c", "verdict"] == "supported"
+    assert c.loc["a", "effect"] == pytest.approx((57.14 - 43.73) - (68.76 - 65.07))
+    assert "largest drop -7.21 at 200000 pre-training, 250 labels" in c.loc["c", "detail"]
+
+
+# ------------------------------------------------------------------------------------ render
+
+def test_render_text_and_markdown():
+    df = grid_runs(HELPS)
+    text = render(df)
+    assert "== protocol clean: 30 runs, 2 seeds per cell ==" in text
+    assert "pre-training gain over no pre-training" in text and "supported" in text
+    md = render(df, "markdown")
+    assert "\n|---|---|---|---|\n" in md and "## protocol clean" in md
+    assert "| pre-training / fine-tune size | 10 | 20 | 40 |" in md
+
+
+def test_render_csv_parses():
+    out = pd.read_csv(io.StringIO(render(grid_runs(HELPS), "csv")))
+    assert {"protocol", "metric", "table", "diff", "lo", "hi", "verdict"} <= set(out.columns)
+    assert set(out.table) == {"summary", "gain", "intermediate", "claims", "paper_claims"}
+    gains = out[(out.table == "gain") & (out.metric == "miou")]
+    assert len(gains) == 6 and set(out.metric) == {"miou", "pixel_acc", "miou_dataset"}
+
+
+def test_render_json_parses():
+    both = pd.concat([grid_runs(HELPS), runs({(0, False, 10): [1, 2]}, protocol="paper")])
+    data = json.loads(render(both, "json"))
+    assert set(data) == {"clean", "paper"}
+    clean = data["clean"]
+    assert clean["runs"] == 30 and len(clean["claims"]) == 3 * 3
+    assert {c["verdict"] for c in clean["claims"] if c["metric"] == "miou"} == {"supported"}
+    assert len(clean["claims"][0]["ci95"]) == 2
+    assert len(clean["tables"]["miou"]["gain"]) == 6 and clean["tables"]["miou"]["paper_comparison"] == []
+    assert data["paper"]["claims"][0]["ci95"] == [None, None]
+
+
+def test_render_of_no_runs():
+    empty = SMALL.iloc[:0]
+    assert render(empty) == results.NO_RUNS and json.loads(render(empty, "json")) == {}
+    assert pd.read_csv(io.StringIO(render(empty, "csv"))).empty
+    with pytest.raises(ValueError):
+        render(SMALL, "html")
+
+
+def test_format_tables_still_prints_every_metric():
+    text = results.format_tables(SMALL)
+    assert text.count("protocol clean") == 3 and "41.00 +- 1.41 (2)" in text
+
+
+# ------------------------------------------------------------------------------------ figures
+
+def test_scaling_curves_overlay_the_paper():
+    fig = plots.scaling_curves(grid_runs(HELPS), "miou", paper=paper_frame())
+    names = [t.name for t in fig.data]
+    assert names[:5] == ["none", "100", "200", "100 + intermediate", "200 + intermediate"]
+    paper = {t.name: t.visible for t in fig.data[5:]}
+    assert len(paper) == 7 and paper["paper: none"] is True and paper["paper: 200000"] == "legendonly"
+    assert len(plots.scaling_curves(grid_runs(HELPS), "miou_dataset", paper=paper_frame()).data) == 5
+    assert len(plots.scaling_curves(SMALL.iloc[:0], "miou").data) == 0
+
+
+def test_intermediate_heatmap_and_explorer():
+    fig = plots.intermediate_heatmap(intermediate_table(grid_runs(HELPS), "miou"))
+    assert fig.data[0].z.shape == (2, 3)
+    assert len(plots.intermediate_heatmap(intermediate_table(SMALL.iloc[:0], "miou")).data) == 0
+    assert type(plots.explore(SMALL.iloc[:0])).__name__ == "HTML"
+    box = plots.explore(grid_runs(HELPS))
+    assert type(box).__name__ == "VBox"
