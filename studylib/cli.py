@@ -96,9 +96,9 @@ def write_results_notebook(runs: str, params: str, name: str) -> Path:
 
 def cmd_results(args) -> int:
     from . import config, grid
-    from .results import collect, format_tables
+    from .results import collect, render
     plan = grid.plan(config.load(args.params)) if args.params else None
-    print(format_tables(collect(args.runs, plan)))
+    print(render(collect(args.runs, plan), args.format))
     return 0
 
 
@@ -143,6 +143,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("results", help="the paper's tables from the finished runs")
     s.add_argument("params", nargs="?", help="only the runs of this parameter file")
     s.add_argument("--runs", default="runs")
+    s.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
     s.set_defaults(fn=cmd_results)
     return p
 

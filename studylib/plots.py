@@ -83,23 +83,29 @@ def _arm_colours(sizes) -> dict:
     return {p: qualitative.Plotly[k % len(qualitative.Plotly)] for k, p in enumerate(sorted(set(sizes)))}
 
 
+_ARM_DASH = {"none": "solid", "intel": "dash", "pets-breeds": "longdash", "spatial": "dashdot"}
+
+
 def scaling_curves(df: pd.DataFrame, metric: str = "miou", paper: pd.DataFrame | None = None,
                    label: str | None = None) -> go.Figure:
     """The study's main picture: metric against fine-tune size (log axis), one line per arm (dashed:
-    with the intermediate stage), error bars = std over seeds (ddof 1). With paper (paper_frame()) and a
-    metric the paper reports, its curves are overlaid dotted in the arm's colour, error bars = the
-    paper's std; paper arms the study lacks start hidden (click the legend to show them)."""
-    from .results import METRICS
+    the paper's intermediate stage, dash-dotted: spatial, long dashes: pets-breeds), error bars = std
+    over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, its curves are
+    overlaid dotted in the arm's colour, error bars = the paper's std; paper arms the study lacks start
+    hidden (click the legend to show them)."""
+    from .results import METRICS, arm_rank
     s = summary(df, metric)
     theirs = pd.DataFrame() if paper is None else paper[paper["metric"] == metric]
     colours = _arm_colours(list(s.pretrain_size) + list(theirs.get("pretrain_size", [])))
     fig = go.Figure()
-    for (p, inter), sub in s.groupby(["pretrain_size", "intermediate"]):
+    for (p, inter), sub in s.groupby(["pretrain_size", "intermediate"], sort=False):
         fig.add_trace(go.Scatter(x=sub.finetune_size, y=sub["mean"], error_y=dict(type="data", array=sub["std"]),
                                  mode="lines+markers", name=arm_label(p, inter), legendgroup=arm_label(p, inter),
-                                 line=dict(color=colours[p], dash="dash" if inter else "solid")))
+                                 line=dict(color=colours[p], dash=_ARM_DASH.get(inter, "dashdot"))))
     ours = set(zip(s.pretrain_size, s.intermediate))
-    for (p, inter), sub in (theirs.groupby(["pretrain_size", "intermediate"]) if len(theirs) else []):
+    theirs = theirs.iloc[sorted(range(len(theirs)), key=lambda k: (arm_rank(theirs.intermediate.iloc[k]),
+                                                                   theirs.pretrain_size.iloc[k]))]
+    for (p, inter), sub in (theirs.groupby(["pretrain_size", "intermediate"], sort=False) if len(theirs) else []):
         sub = sub.sort_values("finetune_size")
         fig.add_trace(go.Scatter(x=sub.finetune_size, y=sub["mean"], mode="lines+markers",
                                  error_y=dict(type="data", array=sub["std"], thickness=1),
@@ -114,36 +120,39 @@ def scaling_curves(df: pd.DataFrame, metric: str = "miou", paper: pd.DataFrame |
 
 
 def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the intermediate stage") -> go.Figure:
-    """A difference table (results.intermediate_table, or gain_table) as a heatmap: pre-training size
-    down, fine-tune size across, colour = difference in metric points (red below 0, blue above, white
-    at 0), text = difference and its 95% interval."""
+    """A difference table (results.intermediate_table, or gain_table) as a heatmap: arm (pre-training
+    size + intermediate arm) down, fine-tune size across, colour = difference in metric points (red
+    below 0, blue above, white at 0), text = difference and its 95% interval."""
     fig = go.Figure()
     if table.empty:
         fig.add_annotation(text="no pre-trained arms with and without the intermediate stage yet",
                            xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
         fig.update_layout(height=250, xaxis_visible=False, yaxis_visible=False)
         return fig
-    z = table.pivot(index="pretrain_size", columns="finetune_size", values="diff")
-    text = table.assign(t=[f"{d:+.2f}" + ("" if pd.isna(lo) else f"<br>[{lo:+.2f}, {hi:+.2f}]")
-                           for d, lo, hi in zip(table["diff"], table.lo, table.hi)])
-    text = text.pivot(index="pretrain_size", columns="finetune_size", values="t").reindex_like(z)
+    rows = [arm_label(p, a) for p, a in zip(table.pretrain_size, table.intermediate)]
+    text = table.assign(row=rows, t=[f"{d:+.2f}" + ("" if pd.isna(lo) else f"<br>[{lo:+.2f}, {hi:+.2f}]")
+                                     for d, lo, hi in zip(table["diff"], table.lo, table.hi)])
+    z = text.pivot(index="row", columns="finetune_size", values="diff").reindex(list(dict.fromkeys(rows)))
+    text = text.pivot(index="row", columns="finetune_size", values="t").reindex_like(z)
     limit = float(np.nanmax(np.abs(z.to_numpy()))) or 1.0
     fig.add_trace(go.Heatmap(z=z.to_numpy(), x=[str(c) for c in z.columns], y=[str(i) for i in z.index],
                              text=text.fillna("").to_numpy(), texttemplate="%{text}", colorscale="RdBu",
                              zmid=0, zmin=-limit, zmax=limit, colorbar=dict(title="points")))
-    fig.update_layout(title=label, xaxis_title="labelled fine-tune images", yaxis_title="pre-training images",
+    fig.update_layout(title=label, xaxis_title="labelled fine-tune images", yaxis_title="arm",
                       xaxis_type="category", yaxis_type="category", height=120 + 70 * len(z))
     return fig
 
 
 def explore(df: pd.DataFrame):
     """JupyterLab explorer of the results: dropdowns for metric and protocol redraw the scaling curves
-    (with the paper's overlaid), the intermediate-stage heatmap and the claims table. Returns the widget
+    (with the paper's overlaid), the intermediate-stage heatmap and the claims (finding c per intermediate
+    arm). Returns the widget
     box (an HTML note when there are no runs)."""
     import ipywidgets as widgets
     from IPython.display import display
 
-    from .results import METRICS, NO_RUNS, claims, claims_display, intermediate_table, paper_frame, protocols, select
+    from .results import (METRICS, NO_RUNS, claims_all_arms, claims_display, intermediate_table, paper_frame,
+                          protocols, select)
     if df.empty:
         return widgets.HTML(f"<i>{NO_RUNS}</i>")
     metric = widgets.Dropdown(options=[(v, k) for k, v in METRICS.items()], value="miou", description="metric")
@@ -156,7 +165,7 @@ def explore(df: pd.DataFrame):
             out.clear_output(wait=True)
             display(scaling_curves(sub, metric.value, paper=paper))
             display(intermediate_heatmap(intermediate_table(sub, metric.value)))
-            display(claims_display(claims(sub, metric.value)))
+            display(claims_display(claims_all_arms(sub, metric.value)))
 
     metric.observe(draw, names="value")
     protocol.observe(draw, names="value")

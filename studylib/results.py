@@ -4,8 +4,10 @@ comparisons the paper's findings rest on, and test those findings.
 Vocabulary used throughout:
 
 - a *cell* is one configuration (pretrain_size, intermediate, finetune_size); its runs differ by seed;
-- an *arm* is a row of the paper's tables: a pre-training size with or without the intermediate stage
-  (pre-training size 0 = no pre-training, which never has the intermediate stage);
+- an *arm* is a row of the paper's tables: a pre-training size and an intermediate stage, named
+  'none' (no intermediate stage), 'intel' (the paper's: scene classification on Intel through the CLS
+  token), 'pets-breeds' or 'spatial' (v2's alternatives); older boolean labels mean True = 'intel',
+  False = 'none'. Pre-training size 0 = no pre-training, which never has an intermediate stage;
 - all metrics are percentages; a *difference* is in percentage points;
 - a *95% interval* of a difference: when every cell involved holds the same seeds, once each, the
   difference is formed per seed and the interval is mean +- t(n-1) * sd / sqrt(n) over those per-seed
@@ -34,7 +36,9 @@ from .store import read_json
 METRICS = {"miou": "mIoU % (per image, paper)", "pixel_acc": "pixel accuracy %",
            "miou_dataset": "mIoU % (dataset level)"}
 PAPER_METRICS = ("miou", "pixel_acc")          # the metrics the paper reports
-KEY = ["pretrain_size", "intermediate", "finetune_size"]
+KEY = ["pretrain_size", "intermediate", "finetune_size"]     # intermediate: the arm's name
+ARMS = ("none", "intel", "pets-breeds", "spatial")           # the order of rows and curves
+PAPER_ARM = "intel"                                          # the paper's intermediate stage
 FORMATS = ("text", "markdown", "csv", "json")
 NO_RUNS = "no finished segmentation runs yet"
 UNKNOWN = "unknown"                            # protocol of runs whose labels lack one
@@ -73,11 +77,28 @@ def collect(runs: str | Path, plan: list[Run] | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def arm_label(pretrain_size: int, intermediate: bool) -> str:
-    """The paper's row names: 'none', '45000', '45000 + intermediate'."""
-    if not pretrain_size:
+def intermediate_arm(value) -> str:
+    """The intermediate arm a label names: the name itself ('none', 'intel', 'pets-breeds', 'spatial');
+    the older boolean labels True = 'intel' (the paper's stage), False = 'none'; missing = 'none'."""
+    if isinstance(value, (bool, np.bool_)):
+        return PAPER_ARM if value else "none"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "none"
-    return f"{pretrain_size}" + (" + intermediate" if intermediate else "")
+    return str(value)
+
+
+def arm_label(pretrain_size: int, intermediate) -> str:
+    """The paper's row names: 'none', '45000', '45000 + intermediate' (the paper's Intel stage), and
+    '45000 + spatial' etc. for the other intermediate arms."""
+    arm = intermediate_arm(intermediate)
+    if not pretrain_size:
+        return "none" if arm == "none" else f"0 + {arm}"
+    return f"{pretrain_size}" + {"none": "", PAPER_ARM: " + intermediate"}.get(arm, f" + {arm}")
+
+
+def arm_rank(arm: str) -> tuple:
+    """Sort key of intermediate arms: ARMS' order, unknown arms after them by name."""
+    return (ARMS.index(arm), "") if arm in ARMS else (len(ARMS), arm)
 
 
 def protocols(df: pd.DataFrame) -> list[str]:
@@ -139,26 +160,29 @@ def cells(df: pd.DataFrame, metric: str = "miou") -> dict[tuple, Cell]:
         return {}
     if _is_summary_frame(df):
         sub = df[df["metric"] == metric]
-        return {(int(p), bool(i), int(f)): Cell(float(m), float(s), int(n))
+        return {(int(p), intermediate_arm(i), int(f)): Cell(float(m), float(s), int(n))
                 for p, i, f, m, s, n in zip(sub.pretrain_size, sub.intermediate, sub.finetune_size,
                                             sub["mean"], sub["std"], sub["n"])}
     out = {}
-    for (p, i, f), g in df.dropna(subset=[metric]).groupby(KEY):
+    runs = df.dropna(subset=[metric]).assign(intermediate=lambda d: d["intermediate"].map(intermediate_arm))
+    for (p, i, f), g in runs.groupby(KEY):
         v = pd.Series(g[metric].astype(float).to_numpy(), index=g["seed"].to_numpy())
-        out[(int(p), bool(i), int(f))] = Cell(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        out[(int(p), str(i), int(f))] = Cell(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                                               len(v), v)
     return out
 
 
 def summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Mean, std (over seeds, ddof 1; 0 for one seed) and n per (arm, fine-tune size)."""
-    rows = [(*key, c.mean, c.std, c.n) for key, c in cells(df, metric).items()]
-    out = pd.DataFrame(rows, columns=[*KEY, "mean", "std", "n"])
-    return out.sort_values(["intermediate", "pretrain_size", "finetune_size"]).reset_index(drop=True)
+    """Mean, std (over seeds, ddof 1; 0 for one seed) and n per (arm, fine-tune size); intermediate holds
+    the arm's name. Rows: arms in ARMS order, then pre-training size, then fine-tune size."""
+    found = cells(df, metric)
+    rows = [(*key, found[key].mean, found[key].std, found[key].n)
+            for key in sorted(found, key=lambda k: (arm_rank(k[1]), k[0], k[2]))]
+    return pd.DataFrame(rows, columns=[*KEY, "mean", "std", "n"])
 
 
 def paper_table(df: pd.DataFrame, metric: str = "miou", with_n: bool = False) -> pd.DataFrame:
-    """Rows: pre-training size and arm (no pre-training first, the intermediate arm last);
+    """Rows: pre-training size and arm (no pre-training first, the intermediate arms last);
     columns: fine-tune size; cells 'mean +- std', with ' (n)' runs appended when with_n."""
     s = summary(df, metric)
     if s.empty:
@@ -166,7 +190,7 @@ def paper_table(df: pd.DataFrame, metric: str = "miou", with_n: bool = False) ->
     s["arm"] = [arm_label(p, i) for p, i in zip(s.pretrain_size, s.intermediate)]
     s["cell"] = [f"{m:.2f} +- {sd:.2f}" + (f" ({n})" if with_n else "")
                  for m, sd, n in zip(s["mean"], s["std"], s["n"])]
-    order = list(dict.fromkeys(s.sort_values(["intermediate", "pretrain_size"])["arm"]))
+    order = list(dict.fromkeys(s["arm"]))      # summary's order
     table = s.pivot(index="arm", columns="finetune_size", values="cell").reindex(order)
     table.columns.name, table.index.name = "fine-tune size", "pre-training"
     return table.fillna("")
@@ -224,12 +248,13 @@ def contrast(cell_map: dict, weights: dict) -> Estimate:
 
 # ------------------------------------------------------------------------------------ derived tables
 
-DIFF_COLUMNS = ["pretrain_size", "finetune_size", "diff", "lo", "hi", "n", "method"]
+DIFF_COLUMNS = ["pretrain_size", "intermediate", "finetune_size", "diff", "lo", "hi", "n", "method"]
 
 
 def _diff_frame(rows: list[tuple]) -> pd.DataFrame:
-    """Tidy frame of differences from (pretrain_size, finetune_size, Estimate) rows."""
-    return pd.DataFrame([(p, f, e.value, e.lo, e.hi, e.n, e.method) for p, f, e in rows], columns=DIFF_COLUMNS)
+    """Tidy frame of differences from (pretrain_size, arm, finetune_size, Estimate) rows."""
+    rows = sorted(rows, key=lambda r: (arm_rank(r[1]), r[0], r[2]))
+    return pd.DataFrame([(p, a, f, e.value, e.lo, e.hi, e.n, e.method) for p, a, f, e in rows], columns=DIFF_COLUMNS)
 
 
 def _fmt_interval(lo: float, hi: float) -> str:
@@ -238,13 +263,15 @@ def _fmt_interval(lo: float, hi: float) -> str:
 
 
 def diff_pivot(table: pd.DataFrame) -> pd.DataFrame:
-    """A difference table (gain_table / intermediate_table) as strings: rows pre-training size,
+    """A difference table (gain_table / intermediate_table) as strings: rows the arm (arm_label),
     columns fine-tune size, cells '+diff [lo, hi] (n)'."""
     if table.empty:
         return pd.DataFrame()
     cell = [f"{d:+.2f} {_fmt_interval(lo, hi)} ({n})" if not pd.isna(lo) else f"{d:+.2f} ({n})"
             for d, lo, hi, n in zip(table["diff"], table.lo, table.hi, table.n)]
-    out = table.assign(cell=cell).pivot(index="pretrain_size", columns="finetune_size", values="cell")
+    rows = [arm_label(p, a) for p, a in zip(table.pretrain_size, table.intermediate)]
+    out = table.assign(cell=cell, row=rows).pivot(index="row", columns="finetune_size", values="cell")
+    out = out.reindex(list(dict.fromkeys(rows)))
     out.columns.name, out.index.name = "fine-tune size", "pre-training"
     return out.fillna("")
 
@@ -252,21 +279,23 @@ def diff_pivot(table: pd.DataFrame) -> pd.DataFrame:
 def gain_table(df: pd.DataFrame, metric: str = "miou", pivot: bool = False) -> pd.DataFrame:
     """Pre-training gain per (pretrain_size p > 0, finetune_size f): mean(p, no intermediate, f) minus
     mean(no pre-training, f), with its 95% interval (see the module docstring) and n.
-    Columns: pretrain_size, finetune_size, diff, lo, hi, n, method; pivot=True gives diff_pivot's strings."""
+    Columns: pretrain_size, intermediate (= 'none'), finetune_size, diff, lo, hi, n, method;
+    pivot=True gives diff_pivot's strings."""
     c = cells(df, metric)
-    rows = [(p, f, contrast(c, {(p, False, f): 1, (0, False, f): -1}))
-            for p, i, f in sorted(c) if p and not i and (0, False, f) in c]
+    rows = [(p, "none", f, contrast(c, {(p, "none", f): 1, (0, "none", f): -1}))
+            for p, a, f in c if p and a == "none" and (0, "none", f) in c]
     table = _diff_frame(rows)
     return diff_pivot(table) if pivot else table
 
 
 def intermediate_table(df: pd.DataFrame, metric: str = "miou", pivot: bool = False) -> pd.DataFrame:
-    """Change from the intermediate stage per (pretrain_size p > 0, finetune_size f):
-    mean(p, intermediate, f) minus mean(p, no intermediate, f) (negative = it hurts), with its 95%
-    interval and n. Columns as gain_table's; pivot=True gives diff_pivot's strings."""
+    """Change from an intermediate stage per (pretrain_size p > 0, arm a != 'none', finetune_size f):
+    mean(p, a, f) minus mean(p, no intermediate stage, f) (negative = it hurts), with its 95% interval
+    and n, for every arm that ran. Columns as gain_table's (intermediate = the arm);
+    pivot=True gives diff_pivot's strings."""
     c = cells(df, metric)
-    rows = [(p, f, contrast(c, {(p, True, f): 1, (p, False, f): -1}))
-            for p, i, f in sorted(c) if i and (p, False, f) in c]
+    rows = [(p, a, f, contrast(c, {(p, a, f): 1, (p, "none", f): -1}))
+            for p, a, f in c if a != "none" and (p, "none", f) in c]
     table = _diff_frame(rows)
     return diff_pivot(table) if pivot else table
 
@@ -281,10 +310,11 @@ def _paper_json() -> dict:
 
 def paper_frame() -> pd.DataFrame:
     """The paper's two tables (per-image mIoU and pixel accuracy, %), one row per (arm, fine-tune size,
-    metric): columns pretrain_size, intermediate, finetune_size, metric ('miou' | 'pixel_acc'),
-    mean, std (over the paper's runs), n (= 3)."""
+    metric): columns pretrain_size, intermediate (the arm: 'none' or 'intel', the paper's stage; the
+    json's booleans), finetune_size, metric ('miou' | 'pixel_acc'), mean, std (over the paper's runs),
+    n (= 3)."""
     data = _paper_json()
-    rows = [(arm["pretrain_size"], arm["intermediate"], f, metric, m, s, data["runs_per_cell"])
+    rows = [(arm["pretrain_size"], intermediate_arm(arm["intermediate"]), f, metric, m, s, data["runs_per_cell"])
             for metric, table in data["tables"].items() for arm in table
             for f, m, s in zip(data["finetune_sizes"], arm["mean"], arm["std"])]
     return pd.DataFrame(rows, columns=[*KEY, "metric", "mean", "std", "n"])
@@ -295,14 +325,14 @@ COMPARISON_COLUMNS = [*KEY, "arm", "study_mean", "study_std", "study_n", "paper_
 
 
 def paper_comparison(df: pd.DataFrame, metric: str = "miou") -> pd.DataFrame:
-    """This study next to the paper for every cell present in both (same pretrain_size, intermediate,
+    """This study next to the paper for every cell present in both (same pretrain_size, intermediate arm,
     finetune_size): study and paper mean, std, n; diff = study mean - paper mean, with a Welch 95%
     interval (the two are independent samples). Empty when nothing matches or the paper lacks the
     metric (it reports only miou and pixel_acc)."""
     ours = cells(df, metric)
     theirs = cells(paper_frame(), metric) if metric in PAPER_METRICS else {}
     rows = []
-    for key in sorted(set(ours) & set(theirs)):
+    for key in sorted(set(ours) & set(theirs), key=lambda k: (arm_rank(k[1]), k[0], k[2])):
         a, b = ours[key], theirs[key]
         e = contrast({"study": a, "paper": b}, {"study": 1, "paper": -1})
         rows.append((*key, arm_label(key[0], key[1]), a.mean, a.std, a.n, b.mean, b.std, b.n, e.value, e.lo, e.hi))
@@ -352,23 +382,28 @@ def _est_text(est: Estimate) -> str:
     return f"{est.value:+.2f} {_fmt_interval(est.lo, est.hi)} ({est.method}, n={est.n})"
 
 
-def _arm_sizes(c: dict, pretrain_size: int, intermediate: bool = False) -> set:
+def _arm_sizes(c: dict, pretrain_size: int, arm: str = "none") -> set:
     """The fine-tune sizes at which an arm has runs."""
-    return {f for p, i, f in c if p == pretrain_size and i == intermediate}
+    return {f for p, a, f in c if p == pretrain_size and a == arm}
+
+
+def _add(weights: dict, key: tuple, weight: float) -> None:
+    """Accumulate a contrast weight (a cell may enter a contrast more than once)."""
+    weights[key] = weights.get(key, 0.0) + weight
 
 
 def _fewer_labels(c: dict) -> dict:
     """(a) gain(P, f_min) - gain(P, f_max) for the largest pre-training size P (no intermediate stage),
     f_min / f_max the smallest / largest fine-tune size where both P and no pre-training have runs;
     supported when its 95% interval is above 0."""
-    sizes = sorted({p for p, i, _ in c if p and not i})
+    sizes = sorted({p for p, a, _ in c if p and a == "none"})
     common = sorted(_arm_sizes(c, 0) & _arm_sizes(c, sizes[-1])) if sizes else []
     if len(common) < 2:
         return _part("a", "fewer labels", NOT_ENOUGH, None,
                      "needs no pre-training and a pre-trained arm at two or more fine-tune sizes")
     p, lo, hi = sizes[-1], common[0], common[-1]
-    est = contrast(c, {(p, False, lo): 1, (0, False, lo): -1, (p, False, hi): -1, (0, False, hi): 1})
-    g_lo, g_hi = (c[(p, False, f)].mean - c[(0, False, f)].mean for f in (lo, hi))
+    est = contrast(c, {(p, "none", lo): 1, (0, "none", lo): -1, (p, "none", hi): -1, (0, "none", hi): 1})
+    g_lo, g_hi = (c[(p, "none", f)].mean - c[(0, "none", f)].mean for f in (lo, hi))
     return _part("a", "fewer labels", _verdict(est, True), est,
                  f"gain of {p} pre-training over none: {g_lo:+.2f} at {lo} labels, {g_hi:+.2f} at {hi}; "
                  f"difference {_est_text(est)}")
@@ -384,10 +419,10 @@ def _label_returns(c: dict) -> dict:
     first, last = math.log2(f[1] / f[0]), math.log2(f[-1] / f[-2])
     w: dict = {}
     for size, weight in [(f[0], -1 / first), (f[1], 1 / first), (f[-2], 1 / last), (f[-1], -1 / last)]:
-        w[(0, False, size)] = w.get((0, False, size), 0.0) + weight
+        _add(w, (0, "none", size), weight)
     est = contrast(c, w)
-    s_first = (c[(0, False, f[1])].mean - c[(0, False, f[0])].mean) / first
-    s_last = (c[(0, False, f[-1])].mean - c[(0, False, f[-2])].mean) / last
+    s_first = (c[(0, "none", f[1])].mean - c[(0, "none", f[0])].mean) / first
+    s_last = (c[(0, "none", f[-1])].mean - c[(0, "none", f[-2])].mean) / last
     return _part("b", "labels", _verdict(est, True), est,
                  f"labels: without pre-training {s_first:+.2f} per doubling from {f[0]} to {f[1]}, {s_last:+.2f} "
                  f"from {f[-2]} to {f[-1]}; shrink {_est_text(est)}")
@@ -397,45 +432,45 @@ def _pretrain_returns(c: dict) -> dict:
     """(b, pre-training) With pre-training sizes 0 < p_1 < ... < p_k (k >= 2, no intermediate stage),
     the first step's gain m(p_1) - m(0) minus the last step's m(p_k) - m(p_{k-1}), averaged over the
     fine-tune sizes all four arms share; holds when its 95% interval is above 0."""
-    p = sorted({s for s, i, _ in c if not i})
+    p = sorted({s for s, a, _ in c if a == "none"})
     if len(p) < 3 or p[0] != 0:
         return _part("b", "pre-training", NOT_ENOUGH, None,
                      "pre-training: needs no pre-training and two or more pre-training sizes")
-    arms = (0, p[1], p[-2], p[-1])
-    common = sorted(set.intersection(*(_arm_sizes(c, a) for a in arms)))
+    common = sorted(set.intersection(*(_arm_sizes(c, s) for s in (0, p[1], p[-2], p[-1]))))
     if not common:
         return _part("b", "pre-training", NOT_ENOUGH, None, "pre-training: the arms share no fine-tune size")
     w: dict = {}
     for f in common:
-        for arm, weight in [(p[1], 1), (0, -1), (p[-1], -1), (p[-2], 1)]:
-            w[(arm, False, f)] = w.get((arm, False, f), 0.0) + weight / len(common)
+        for size, weight in [(p[1], 1), (0, -1), (p[-1], -1), (p[-2], 1)]:
+            _add(w, (size, "none", f), weight / len(common))
     est = contrast(c, w)
-    step = lambda a, b: np.mean([c[(b, False, f)].mean - c[(a, False, f)].mean for f in common])  # noqa: E731
+    step = lambda a, b: np.mean([c[(b, "none", f)].mean - c[(a, "none", f)].mean for f in common])  # noqa: E731
     return _part("b", "pre-training", _verdict(est, True), est,
                  f"pre-training: first step 0->{p[1]} {step(0, p[1]):+.2f}, last step {p[-2]}->{p[-1]} "
                  f"{step(p[-2], p[-1]):+.2f} (mean over {len(common)} fine-tune sizes); shrink {_est_text(est)}")
 
 
-def _intermediate_cells(c: dict) -> list[tuple]:
-    """(pretrain_size, finetune_size) where both the arm with and the arm without intermediate stage ran."""
-    return sorted((p, f) for p, i, f in c if i and (p, False, f) in c)
+def _intermediate_cells(c: dict, arm: str) -> list[tuple]:
+    """(pretrain_size, finetune_size) where both the arm and no intermediate stage ran."""
+    return sorted((p, f) for p, a, f in c if a == arm and (p, "none", f) in c)
 
 
-def _intermediate_hurts(c: dict) -> dict:
-    """(c, hurts) The mean over cells (p, f) of mean(p, intermediate, f) - mean(p, none, f); holds when
-    its 95% interval is below 0."""
-    pairs = _intermediate_cells(c)
+def _intermediate_hurts(c: dict, arm: str) -> dict:
+    """(c, hurts) The mean over cells (p, f) of mean(p, arm, f) - mean(p, none, f); holds when its 95%
+    interval is below 0."""
+    pairs = _intermediate_cells(c, arm)
     if not pairs:
-        return _part("c", "hurts", NOT_ENOUGH, None, "needs arms with and without the intermediate stage")
-    w = {}
+        return _part("c", "hurts", NOT_ENOUGH, None, f"needs arms with the {arm} stage and without")
+    w: dict = {}
     for p, f in pairs:
-        w[(p, True, f)], w[(p, False, f)] = 1 / len(pairs), -1 / len(pairs)
+        _add(w, (p, arm, f), 1 / len(pairs))
+        _add(w, (p, "none", f), -1 / len(pairs))
     est = contrast(c, w)
-    change = {k: c[(k[0], True, k[1])].mean - c[(k[0], False, k[1])].mean for k in pairs}
+    change = {k: c[(k[0], arm, k[1])].mean - c[(k[0], "none", k[1])].mean for k in pairs}
     worst = min(change, key=change.get)
     negative = sum(v < 0 for v in change.values())
     return _part("c", "hurts", _verdict(est, False), est,
-                 f"mean change with the intermediate stage {_est_text(est)} over {len(pairs)} cells, negative in "
+                 f"mean change with the {arm} stage {_est_text(est)} over {len(pairs)} cells, negative in "
                  f"{negative}/{len(pairs)}; largest drop {change[worst]:+.2f} at {worst[0]} pre-training, "
                  f"{worst[1]} labels")
 
@@ -448,13 +483,13 @@ def _fisher_interval(r: float, n: int) -> tuple[float, float]:
     return math.tanh(z - half), math.tanh(z + half)
 
 
-def _hurts_most_where_gain(c: dict) -> dict:
+def _hurts_most_where_gain(c: dict, arm: str) -> dict:
     """(c, most where pre-training helps most) Pearson correlation, across cells (p, f), between the
-    pre-training gain mean(p, none, f) - mean(0, f) and the intermediate change; holds when its 95%
-    Fisher-z interval is below 0. Needs 4 or more cells with varying gains and changes."""
-    pairs = [(p, f) for p, f in _intermediate_cells(c) if (0, False, f) in c]
-    gain = np.array([c[(p, False, f)].mean - c[(0, False, f)].mean for p, f in pairs])
-    change = np.array([c[(p, True, f)].mean - c[(p, False, f)].mean for p, f in pairs])
+    pre-training gain mean(p, none, f) - mean(0, f) and the change with the arm's stage; holds when its
+    95% Fisher-z interval is below 0. Needs 4 or more cells with varying gains and changes."""
+    pairs = [(p, f) for p, f in _intermediate_cells(c, arm) if (0, "none", f) in c]
+    gain = np.array([c[(p, "none", f)].mean - c[(0, "none", f)].mean for p, f in pairs])
+    change = np.array([c[(p, arm, f)].mean - c[(p, "none", f)].mean for p, f in pairs])
     if len(pairs) < 4 or gain.std() == 0 or change.std() == 0:
         return _part("c", "most where pre-training helps most", NOT_ENOUGH, None,
                      f"correlation needs 4 or more cells with varying gain and change, has {len(pairs)}")
@@ -462,20 +497,20 @@ def _hurts_most_where_gain(c: dict) -> dict:
     lo, hi = _fisher_interval(r, len(pairs))
     est = Estimate(r, lo, hi, len(pairs), "fisher-z")
     return _part("c", "most where pre-training helps most", _verdict(est, False), est,
-                 f"correlation of pre-training gain and intermediate change over {len(pairs)} cells "
+                 f"correlation of pre-training gain and {arm}-stage change over {len(pairs)} cells "
                  f"r = {r:+.2f} {_fmt_interval(lo, hi)}")
 
 
 CLAIM_COLUMNS = ["finding", "claim", "verdict", "effect", "ci95", "detail"]
 
 
-def claim_parts(df: pd.DataFrame, metric: str = "miou") -> pd.DataFrame:
+def claim_parts(df: pd.DataFrame, metric: str = "miou", arm: str = PAPER_ARM) -> pd.DataFrame:
     """Every test behind claims(), one row each: finding, part, verdict, effect, ci95 (lo, hi), detail.
-    (a) fewer labels; (b) labels and pre-training axes; (c) hurts and correlation. See the _-functions
-    named after each part for the definitions."""
+    (a) fewer labels; (b) labels and pre-training axes; (c) hurts and correlation, for the intermediate
+    arm `arm`. See the _-functions named after each part for the definitions."""
     c = cells(df, metric)
-    rows = [_fewer_labels(c), _label_returns(c), _pretrain_returns(c), _intermediate_hurts(c),
-            _hurts_most_where_gain(c)]
+    rows = [_fewer_labels(c), _label_returns(c), _pretrain_returns(c), _intermediate_hurts(c, arm),
+            _hurts_most_where_gain(c, arm)]
     return pd.DataFrame(rows, columns=["finding", "part", "verdict", "effect", "ci95", "detail"])
 
 
@@ -488,22 +523,31 @@ def _combine(verdicts: list[str]) -> str:
     return SUPPORTED if held == len(verdicts) else MIXED if held else NOT_SUPPORTED
 
 
-def claims(df: pd.DataFrame, metric: str = "miou") -> pd.DataFrame:
+def claims(df: pd.DataFrame, metric: str = "miou", arm: str = PAPER_ARM) -> pd.DataFrame:
     """The paper's findings tested on one protocol's runs (or on paper_frame()), one row each:
     finding ('a' | 'b' | 'c'), claim, verdict ('supported' | 'not supported' | 'mixed' | 'not enough runs'),
     effect and ci95 (lo, hi) of the finding's first part, detail (every part's numbers).
     (a) gain of the largest pre-training at the fewest labels minus at the most labels, > 0;
     (b) increase per doubling of labels shrinks from the first to the last step (no pre-training) and
         the gain of the last pre-training step is smaller than the first's: both > 0, 'mixed' if one;
-    (c) mean change with the intermediate stage < 0, and its correlation with the pre-training gain < 0.
+    (c) mean change with the intermediate stage (arm: the paper's 'intel' unless given) < 0, and its
+        correlation with the pre-training gain < 0.
     'Holds' means the 95% interval excludes 0 on the claimed side; nothing else is thresholded."""
-    parts = claim_parts(df, metric)
+    parts = claim_parts(df, metric, arm)
     rows = []
     for finding, sub in parts.groupby("finding", sort=True):
         first = sub.iloc[0]
-        rows.append({"finding": finding, "claim": CLAIMS[finding], "verdict": _combine(list(sub.verdict)),
+        claim = CLAIMS[finding] + (f" (arm {arm})" if finding == "c" and arm != PAPER_ARM else "")
+        rows.append({"finding": finding, "claim": claim, "verdict": _combine(list(sub.verdict)),
                      "effect": first.effect, "ci95": first.ci95, "detail": "; ".join(sub.detail)})
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
+
+
+def claims_all_arms(df: pd.DataFrame, metric: str = "miou") -> pd.DataFrame:
+    """claims() for the paper's intermediate arm, followed by finding (c) for every other intermediate
+    arm that ran (v2's 'spatial', 'pets-breeds'), its claim naming the arm."""
+    arms = sorted({a for _, a, _ in cells(df, metric)} - {"none", PAPER_ARM}, key=arm_rank)
+    return pd.concat([claims(df, metric)] + [claims(df, metric, a).iloc[[2]] for a in arms], ignore_index=True)
 
 
 def claims_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -529,17 +573,18 @@ class Section:
 
 
 def _seed_range(df: pd.DataFrame) -> str:
-    """'2-3 seeds per cell' for one protocol's runs."""
-    n = df.groupby(KEY).size()
+    """'2-3 seeds per cell' for one protocol's runs (runs per configuration, in fact)."""
+    n = df.assign(intermediate=df["intermediate"].map(intermediate_arm)).groupby(KEY).size()
     return f"{n.min()}-{n.max()} seeds per cell" if n.min() != n.max() else f"{n.min()} seeds per cell"
 
 
 def sections(df: pd.DataFrame, metric: str) -> list[Section]:
     """The report on one protocol's runs for one metric: paper-layout table, pre-training gains,
-    intermediate-stage changes, comparison with the paper, claims (and the same tests on the paper's table)."""
+    intermediate-stage changes, comparison with the paper, claims (finding c once per intermediate arm)
+    and the same tests on the paper's table."""
     label = METRICS.get(metric, metric)
     gain, inter, comp = gain_table(df, metric), intermediate_table(df, metric), paper_comparison(df, metric)
-    found = claims(df, metric)
+    found = claims_all_arms(df, metric)
     out = [
         Section("summary", f"{label}: mean +- std (runs)", paper_table(df, metric, with_n=True), summary(df, metric)),
         Section("gain", f"{label}: pre-training gain over no pre-training, difference [95% interval] (n)",

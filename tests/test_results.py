@@ -35,10 +35,10 @@ SMALL = runs({(0, False, 10): [40, 42], (200, False, 10): [50, 53], (200, True, 
 
 def test_summary_means_and_stds_are_over_seeds_with_ddof_1():
     s = summary(SMALL, "miou").set_index(["pretrain_size", "intermediate", "finetune_size"])
-    assert s.loc[(0, False, 10), "mean"] == pytest.approx(41.0)
-    assert s.loc[(0, False, 10), "std"] == pytest.approx(1.414214, abs=1e-6)      # sqrt(2)
-    assert s.loc[(200, False, 10), "mean"] == pytest.approx(51.5)
-    assert s.loc[(200, False, 10), "std"] == pytest.approx(2.121320, abs=1e-6)    # 3 / sqrt(2)
+    assert s.loc[(0, "none", 10), "mean"] == pytest.approx(41.0)
+    assert s.loc[(0, "none", 10), "std"] == pytest.approx(1.414214, abs=1e-6)      # sqrt(2)
+    assert s.loc[(200, "none", 10), "mean"] == pytest.approx(51.5)
+    assert s.loc[(200, "none", 10), "std"] == pytest.approx(2.121320, abs=1e-6)    # 3 / sqrt(2)
     assert list(s.n) == [2, 2, 2]
 
 
@@ -54,9 +54,9 @@ def test_paper_table_layout_and_cells():
 def test_gain_is_paired_by_seed_with_a_t_interval():
     g = gain_table(SMALL, "miou").iloc[0]
     # per seed 50-40 = 10 and 53-42 = 11: mean 10.5, sd 0.7071, se 0.5, half width 12.706 * 0.5 = 6.353
-    assert (g.pretrain_size, g.finetune_size, g.n, g.method) == (200, 10, 2, "paired")
+    assert (g.pretrain_size, g.intermediate, g.finetune_size, g.n, g.method) == (200, "none", 10, 2, "paired")
     assert (g["diff"], g.lo, g.hi) == pytest.approx((10.5, 4.147, 16.853))
-    assert gain_table(SMALL, "miou", pivot=True).loc[200, 10] == "+10.50 [+4.15, +16.85] (2)"
+    assert gain_table(SMALL, "miou", pivot=True).loc["200", 10] == "+10.50 [+4.15, +16.85] (2)"
 
 
 def test_intermediate_change_is_with_minus_without():
@@ -68,16 +68,31 @@ def test_intermediate_change_is_with_minus_without():
 def test_welch_when_the_seeds_differ():
     df = runs({(0, False, 10): [40, 42], (100, False, 10): [45, 47, 49]})
     g = gain_table(df, "miou").iloc[0]
-    # 48 - 41 = 7; se^2 = 4/3 + 2/2 = 2.3333; Welch df = 2.3333^2 / ((4/3)^2/2 + 1^2/1) = 2.88 -> t(2) = 4.303
+    # 47 - 41 = 6; se^2 = 4/3 + 2/2 = 2.3333; Welch df = 2.3333^2 / ((4/3)^2/2 + 1^2/1) = 2.88 -> t(2) = 4.303
     assert g.method == "welch" and g.n == 2
-    assert (g["diff"], g.lo, g.hi) == pytest.approx((7.0, 0.42706, 13.57294), abs=1e-4)
+    assert (g["diff"], g.lo, g.hi) == pytest.approx((6.0, -0.57294, 12.57294), abs=1e-4)
 
 
 def test_one_seed_gives_a_difference_but_no_interval():
     one = runs({(0, False, 10): [40], (200, False, 10): [50]})
     g = gain_table(one, "miou").iloc[0]
     assert g["diff"] == 10 and g.n == 1 and pd.isna(g.lo) and pd.isna(g.hi)
-    assert gain_table(one, "miou", pivot=True).loc[200, 10] == "+10.00 (1)"
+    assert gain_table(one, "miou", pivot=True).loc["200", 10] == "+10.00 (1)"
+
+
+def test_intermediate_arms_old_booleans_and_names():
+    assert [results.intermediate_arm(v) for v in (False, True, None, float("nan"), "spatial")] == \
+        ["none", "intel", "none", "none", "spatial"]
+    assert [results.arm_label(p, a) for p, a in [(0, "none"), (32, False), (32, "intel"), (32, True), (32, "spatial")]] \
+        == ["none", "32", "32 + intermediate", "32 + intermediate", "32 + spatial"]
+    named = runs({(0, "none", 10): [40, 42], (200, "none", 10): [50, 53], (200, "intel", 10): [47, 49],
+                  (200, "spatial", 10): [52, 56]})
+    assert list(paper_table(named, "miou").index) == ["none", "200", "200 + intermediate", "200 + spatial"]
+    t = intermediate_table(named, "miou")
+    assert list(t.intermediate) == ["intel", "spatial"]
+    # spatial: per seed 52-50 = 2, 56-53 = 3 -> +2.5, half width 12.706 * 0.5
+    assert tuple(t.iloc[1][["diff", "lo", "hi"]]) == pytest.approx((2.5, 2.5 - 6.353, 2.5 + 6.353))
+    assert list(intermediate_table(named, "miou", pivot=True).index) == ["200 + intermediate", "200 + spatial"]
 
 
 def test_t_quantiles():
@@ -105,34 +120,35 @@ def test_collect_of_an_empty_store(tmp_path):
 def test_paper_frame_reproduces_the_papers_tables():
     pf = paper_frame().set_index(["metric", "pretrain_size", "intermediate", "finetune_size"])
     assert len(pf) == 2 * 7 * 6 and (pf.n == 3).all()
-    assert tuple(pf.loc[("miou", 0, False, 250), ["mean", "std"]]) == (43.73, 1.02)
-    assert pf.loc[("pixel_acc", 200000, True, 6000), "mean"] == 87.18
-    assert pf.loc[("pixel_acc", 200000, True, 6000), "std"] == 0.14
-    assert tuple(pf.loc[("miou", 45000, True, 2000), ["mean", "std"]]) == (59.38, 0.88)
+    assert tuple(pf.loc[("miou", 0, "none", 250), ["mean", "std"]]) == (43.73, 1.02)
+    assert pf.loc[("pixel_acc", 200000, "intel", 6000), "mean"] == 87.18
+    assert pf.loc[("pixel_acc", 200000, "intel", 6000), "std"] == 0.14
+    assert tuple(pf.loc[("miou", 45000, "intel", 2000), ["mean", "std"]]) == (59.38, 0.88)
     assert paper_table(paper_frame(), "miou").loc["none", 250] == "43.73 +- 1.02"
 
 
-def _paper_plus_one() -> pd.DataFrame:
-    """A fake study: three runs per paper cell, m+1-s, m+1, m+1+s, so mean = paper + 1 and std = paper's."""
+def _paper_plus_one(metric: str) -> pd.DataFrame:
+    """A fake study: three runs per paper cell, m+1-s, m+1, m+1+s (in column metric), so its mean is the
+    paper's + 1 and its std (ddof 1) the paper's."""
     pf = paper_frame()
-    return pd.concat([runs({(r.pretrain_size, r.intermediate, r.finetune_size): [r.mean + 1 - r.std, r.mean + 1,
-                                                                               r.mean + 1 + r.std]
-                            for r in pf[pf.metric == m].itertuples()}).assign(metric=m) for m in ("miou", "pixel_acc")])
+    df = runs({(r.pretrain_size, r.intermediate, r.finetune_size): [r.mean + 1 - r.std, r.mean + 1, r.mean + 1 + r.std]
+               for r in pf[pf.metric == metric].itertuples()})
+    return df.assign(**{metric: df.miou})
 
 
 def test_paper_comparison_differences():
-    fake = _paper_plus_one()
-    c = paper_comparison(fake[fake.metric == "miou"].drop(columns="metric"), "miou")
+    c = paper_comparison(_paper_plus_one("miou"), "miou")
     assert len(c) == 42
     assert c["diff"].to_numpy() == pytest.approx([1.0] * 42)
     assert c.study_std.to_numpy() == pytest.approx(c.paper_std.to_numpy())
     none = c[(c.pretrain_size == 0) & (c.finetune_size == 250)].iloc[0]
     # Welch with equal std 1.02 and n 3 on both sides: df = 4, half = 2.776 * 1.02 * sqrt(2/3) = 2.3119
     assert (none.paper_mean, none.lo, none.hi) == pytest.approx((43.73, 1 - 2.3119, 1 + 2.3119), abs=1e-4)
-    acc = fake[fake.metric == "pixel_acc"].drop(columns="metric")
-    row = paper_comparison(acc, "pixel_acc").set_index(["pretrain_size", "intermediate", "finetune_size"])
-    assert row.loc[(200000, True, 6000), "paper_mean"] == 87.18
-    assert row.loc[(200000, True, 6000), "study_mean"] == pytest.approx(88.18)
+    acc = paper_comparison(_paper_plus_one("pixel_acc"), "pixel_acc")
+    assert acc["diff"].to_numpy() == pytest.approx([1.0] * 42)
+    row = acc.set_index(["pretrain_size", "intermediate", "finetune_size"])
+    assert row.loc[(200000, "intel", 6000), "paper_mean"] == 87.18
+    assert row.loc[(200000, "intel", 6000), "study_mean"] == pytest.approx(88.18)
 
 
 def test_paper_comparison_is_empty_for_other_sizes_and_says_so():
@@ -154,7 +170,7 @@ HURTS = {  # the opposite of every finding
 
 
 def grid_runs(arms: dict, n_seeds: int = 2) -> pd.DataFrame:
-    """Runs for arms {(pretrain_size, intermediate): [value at 10, 20, 40]}: seed 0 the value, seed 1 the
+    """Runs for arms {(pretrain_size, intermediate arm or bool): [value at 10, 20, 40]}: seed 0 the value, seed 1 the
     value moved by -0.1, 0 or +0.1 (varying over cells, so per-seed differences vary too)."""
     table = {}
     for a, ((p, i), values) in enumerate(arms.items()):
@@ -206,6 +222,16 @@ def test_claims_need_two_seeds_and_the_arms():
     assert one.loc["a", "effect"] == pytest.approx(7.0) and pd.isna(one.loc["a", "ci95"][0])
     assert set(_verdicts(SMALL).values()) == {"not enough runs"}
     assert set(_verdicts(SMALL.iloc[:0]).values()) == {"not enough runs"}
+
+
+def test_finding_c_per_intermediate_arm():
+    spatial = {**HELPS, (100, "spatial"): [52, 58, 61], (200, "spatial"): [56, 61, 63]}   # a little better
+    df = grid_runs(spatial)
+    assert claims(df, "miou").verdict.tolist() == ["supported"] * 3
+    c = claims(df, "miou", arm="spatial").set_index("finding")
+    assert c.loc["c", "verdict"] == "not supported" and "(arm spatial)" in c.loc["c", "claim"]
+    both = results.claims_all_arms(df, "miou")
+    assert list(both.finding) == ["a", "b", "c", "c"] and both.claim.iloc[3].endswith("(arm spatial)")
 
 
 def test_claims_on_the_papers_own_table():
