@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 PARAMS ?= params/demo.yaml
 RUNS   ?= runs
 
-.PHONY: install study test lab clean-runs
+.PHONY: install study test browser lab clean-runs
 
 install: $(STAMP)
 
@@ -20,14 +20,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
-# the main job: the whole demo study on embedded synthetic data, then the tables and the results notebook
+# the main job: the whole demo study on embedded synthetic data, then the tables and the results
+# notebook, the patch-token geometry of every encoder, and the offline HTML report
 study: $(STAMP)
 	$(BIN)/study run $(PARAMS) --runs $(RUNS)
+	$(BIN)/study geometry $(PARAMS) --runs $(RUNS)
+	$(BIN)/study report $(PARAMS) --runs $(RUNS)
 
 # unit tests, then nbval over every notebook (lax: only cells marked NBVAL_CHECK_OUTPUT are compared)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+
+# the report test renders in headless Chromium; install Debian's package where we can (root + apt),
+# otherwise that one test skips and says why
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium not installed: the browser test will skip"
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

@@ -97,6 +97,28 @@ def frame(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def one_per_encoder(reports_: list[dict]) -> list[dict]:
+    """One report per encoder kind, the one with the most pre-training (for the pictures)."""
+    seen, out = set(), []
+    for r in sorted(reports_, key=lambda r: -r["encoder"]["pretrain_size"]):
+        if r["encoder"]["name"] not in seen:
+            seen.add(r["encoder"]["name"])
+            out.append(r)
+    return out
+
+
+def by_layer(reports_: list[dict]) -> pd.DataFrame:
+    """The Table 2 columns at every layer, mean over seeds and sizes per encoder kind: how the geometry
+    develops through depth (the paper measures only the output)."""
+    layers = sorted({r["layer"] for rep in reports_ for r in rep["per_layer"]}, key=lambda k: (k < 0, k))
+    frames = [frame(reports_, k).assign(layer=k) for k in layers]
+    df = pd.concat(frames) if frames else pd.DataFrame()
+    if df.empty:
+        return df
+    return df.groupby(["name", "layer"], sort=False)[list(TABLE2_COLUMNS)].mean().round(3).rename(
+        columns=TABLE2_COLUMNS)
+
+
 PAPER_NAMES = {"mim": "SimMIM", "mim + intel": "+CLS Intel", "mim + pets-breeds": "+CLS Pets",
                "mim + spatial": "+spatial Pets"}
 
@@ -114,3 +136,56 @@ def table2(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
         agg[f"paper: {TABLE2_COLUMNS[ours]}"] = [PAPER_TABLE2.get(PAPER_NAMES.get(name), {}).get(theirs)
                                                  for name, _ in agg.index]
     return agg.rename(columns=TABLE2_COLUMNS)
+
+
+def token_umap(encoder, images, masks, names: list[str], layer: int = -1, n_neighbors: int = 15,
+               seed: int = 0) -> pd.DataFrame:
+    """UMAP of the patch tokens of `images` at one layer -> one row per token: x, y, image name, grid
+    row and column, majority trimap class."""
+    import umap
+
+    from .data import PET_CLASSES
+    from .geometry import patch_labels, patch_tokens
+    T = patch_tokens(encoder, images, [layer])[layer]                     # [N, P, D]
+    N, P, D = T.shape
+    g = encoder.cfg.grid
+    xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(T.reshape(-1, D).numpy())
+    cls = patch_labels(masks, g).reshape(-1)
+    idx = torch.arange(N * P)
+    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "image": (idx // P).numpy(),
+                         "name": [names[i] for i in (idx // P).tolist()], "row": ((idx % P) // g).numpy(),
+                         "col": (idx % g).numpy(), "class": [PET_CLASSES[c] for c in cls.tolist()]})
+
+
+def explore_tokens(runs: str | Path, plan: list[Run]):
+    """ipywidgets: pick an encoder, a layer, how many test images and the colouring; shows the UMAP of
+    their patch tokens (hover: image and patch)."""
+    import ipywidgets as W
+    from IPython.display import display
+
+    from .plots import token_scatter
+    runs = Path(runs).resolve()
+    choices = [(f"{encoder_name(r)}, pre-training {r.labels['pretrain_size']}, seed {r.params['seed']}", r)
+               for r in plan if r.stage in ("pretrain", "intermediate") and is_done(r.dir(runs))]
+    if not choices:
+        return W.HTML("<i>no finished encoders yet: run `make study`</i>")
+    depth = build_encoder(plan[0].params["model"]).cfg.depth
+    pick = {"encoder": W.Dropdown(options=choices, description="encoder"),
+            "layer": W.Dropdown(options=[("output", -1)] + [(f"block {i}", i) for i in range(depth)],
+                                description="layer"),
+            "images": W.IntSlider(value=32, min=8, max=128, step=8, description="images"),
+            "colour": W.Dropdown(options=["class", "row", "col", "image"], description="colour")}
+    out = W.Output()
+
+    def draw(*_):
+        images, masks = geometry_images(plan, pick["images"].value)
+        enc = load_encoder(pick["encoder"].value.dir(runs) / "encoder.safetensors")
+        points = token_umap(enc, images, masks, [f"test image {i}" for i in range(len(images))], pick["layer"].value)
+        with out:
+            out.clear_output(wait=True)
+            display(token_scatter(points, pick["colour"].value))
+
+    for w in pick.values():
+        w.observe(draw, names="value")
+    draw()
+    return W.VBox([W.HBox([pick["encoder"], pick["layer"]]), W.HBox([pick["images"], pick["colour"]]), out])

@@ -102,6 +102,20 @@ def cmd_results(args) -> int:
     return 0
 
 
+def cmd_geometry(args) -> int:
+    from . import analysis, config, grid
+    analysis.compute(args.runs, grid.plan(config.load(args.params)), n_images=args.images, device=args.device)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import config, grid, report
+    cfg = config.load(args.params)
+    out = Path(args.out or Path(args.runs) / f"report-{cfg.name}.html")
+    print(f"report: {report.write(args.runs, grid.plan(cfg), out, f'{cfg.name}: ViNy self-supervised learning study')}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study", description="The ViNy self-supervised learning study.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +153,19 @@ def parser() -> argparse.ArgumentParser:
                            help="where runs execute (default: the file's `executor`)")
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("geometry", help="patch-token geometry of every encoder of a study, into the run store")
+    s.add_argument("params")
+    s.add_argument("--runs", default="runs")
+    s.add_argument("--images", type=int, default=256, help="Pets test images to measure on (default 256)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_geometry)
+
+    s = sub.add_parser("report", help="one self-contained HTML report (results, geometry, gallery)")
+    s.add_argument("params")
+    s.add_argument("--runs", default="runs")
+    s.add_argument("--out", help="default: <runs>/report-<name>.html")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("results", help="the paper's tables from the finished runs")
     s.add_argument("params", nargs="?", help="only the runs of this parameter file")

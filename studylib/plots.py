@@ -171,3 +171,68 @@ def explore(df: pd.DataFrame):
     protocol.observe(draw, names="value")
     draw()
     return widgets.VBox([widgets.HBox([metric, protocol]), out])
+
+
+# ---------------------------------------------------------------- patch-token geometry
+
+def cosine_curves(reports: list[dict], layer: int = -1, paper: dict | None = None) -> go.Figure:
+    """Mean token cosine against Manhattan distance on the patch grid, one line per encoder (mean
+    over seeds and pre-training sizes), at one layer; the paper's Fig. 5 curves dotted."""
+    from .analysis import PAPER_NAMES
+    curves: dict[str, list] = {}
+    for rep in reports:
+        row = next((r for r in rep["per_layer"] if r["layer"] == layer), None)
+        if row is not None:
+            curves.setdefault(rep["encoder"]["name"], []).append(row["cosine_by_distance"])
+    fig = go.Figure()
+    for name, vals in curves.items():
+        d = reports[0]["distances"]
+        fig.add_trace(go.Scatter(x=d, y=np.mean(vals, axis=0), mode="lines+markers", name=name))
+    for ours, theirs in PAPER_NAMES.items():
+        if paper and theirs in paper:
+            fig.add_trace(go.Scatter(x=list(range(1, len(paper[theirs]) + 1)), y=paper[theirs], mode="lines",
+                                     name=f"paper: {theirs}", line=dict(dash="dot"), opacity=0.7))
+    fig.update_layout(xaxis_title="Manhattan distance on the patch grid", yaxis_title="mean cosine similarity",
+                      height=380, title=f"token similarity against distance (layer {layer})")
+    return fig
+
+
+def reference_maps(report: dict, layer: int = -1) -> go.Figure:
+    """Cosine similarity of a reference patch (background corner, pet interior, boundary) to every
+    patch of the same image."""
+    row = next(r for r in report["per_layer"] if r["layer"] == layer)
+    maps = row["reference"]["maps"]
+    fig = make_subplots(rows=1, cols=max(1, len(maps)), subplot_titles=list(maps) or ["no reference patches"])
+    for c, (name, grid) in enumerate(maps.items(), 1):
+        fig.add_trace(go.Heatmap(z=grid, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True,
+                                 showscale=c == len(maps)), row=1, col=c)
+        fig.update_yaxes(autorange="reversed", row=1, col=c)
+    fig.update_layout(height=300, title=f"{report['encoder']['name']}: similarity to a reference patch")
+    return fig
+
+
+def cka_heatmap(report: dict) -> go.Figure:
+    """Linear CKA (minibatch, unbiased) between the layers of one encoder."""
+    names = [("out" if n == "-1" else f"block {n}") for n in report["cka"]["names"]]
+    fig = go.Figure(go.Heatmap(z=report["cka"]["matrix"], x=names, y=names, zmin=0, zmax=1, colorscale="Viridis",
+                               texttemplate="%{z:.2f}"))
+    fig.update_layout(height=380, width=460, yaxis_autorange="reversed",
+                      title=f"{report['encoder']['name']}: CKA between layers")
+    return fig
+
+
+def token_scatter(points: pd.DataFrame, colour: str = "class") -> go.Figure:
+    """A 2-D embedding of patch tokens (analysis.token_umap), coloured by trimap class, grid row or
+    column, or image; hovering a point names its image and patch."""
+    discrete = colour in ("class", "image")
+    fig = go.Figure()
+    groups = points.groupby(colour) if discrete else [(None, points)]
+    for key, sub in groups:
+        fig.add_trace(go.Scattergl(
+            x=sub.x, y=sub.y, mode="markers", name=str(key) if discrete else colour,
+            marker=dict(size=4, color=None if discrete else sub[colour], colorscale="Viridis",
+                        showscale=not discrete),
+            text=[f"{n}, patch ({r}, {c}), {k}" for n, r, c, k in zip(sub.name, sub.row, sub.col, sub["class"])],
+            hoverinfo="text"))
+    fig.update_layout(height=480, xaxis_visible=False, yaxis_visible=False, legend_title=colour)
+    return fig

@@ -65,7 +65,7 @@ def test_real_sample_study_runs_end_to_end(tmp_path, monkeypatch):
     summary = runner.execute(plan, tmp_path, device="cpu", workers=2, echo=lambda *_: None)
     assert summary.ok, summary
     df = collect(tmp_path, plan)
-    assert len(df) == 3 and df.miou.between(1, 100).all() and df.miou_dataset.between(1, 100).all()
+    assert len(df) == 4 and df.miou.between(1, 100).all() and df.miou_dataset.between(1, 100).all()
 
 
 def _tiny_pets(root: Path, broken: bool) -> Path:

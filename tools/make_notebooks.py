@@ -140,6 +140,57 @@ res = nb([
     code("Markdown(results.render(df, 'markdown'))"),
 ])
 
-for name, n in [("01_pretrain", pre), ("02_intermediate", inter), ("03_segment", seg), ("results", res)]:
+
+geo = nb([
+    md("# Patch-token geometry\n\nThe paper's v2 explains its result by the geometry of the patch tokens: "
+       "classification through the CLS token collapses the spatial structure dense prediction needs, while a "
+       "patch-level (\"spatial\") intermediate task keeps it. This notebook shows that analysis for this study's "
+       "encoders (`study geometry` computes it into the run store): the paper's Table 2 with its values beside, "
+       "similarity against distance on the patch grid, similarity to reference patches, CKA between layers, and an "
+       "interactive UMAP of the tokens."),
+    (lambda c: (c.metadata.__setitem__("tags", ["parameters"]), c)[1])(code(
+        '# the run store, and the study whose encoders to show\n'
+        'runs_dir = "../runs"\n'
+        'params_file = "../params/demo.yaml"')),
+    code("from studylib import analysis, config, grid, plots\n"
+         "from studylib.geometry import PAPER_COSINE\n\n"
+         "plan = grid.plan(config.load(params_file))\n"
+         "reports = analysis.reports(runs_dir, plan)\n"
+         "print(f'{len(reports)} encoders measured')"),
+    md("Table 2: within- and across-image variance of the final tokens, the linear patch probe (the paper's "
+       "training accuracy, and held-out and class-balanced accuracy on unseen images), effective rank and whether "
+       "a token still knows its position. Mean over seeds; the paper's values beside the matching encoders."),
+    code("analysis.table2(reports) if reports else 'no geometry yet: run `study geometry params/demo.yaml`'"),
+    md("Mean cosine similarity of token pairs against their Manhattan distance on the grid (dotted: the paper's "
+       "Fig. 5). Flat and high means the tokens look alike wherever they are; falling with distance means "
+       "local spatial structure."),
+    code("plots.cosine_curves(reports, paper=PAPER_COSINE) if reports else None"),
+    md("Per layer, for every encoder (the paper measures only the output): the Table 2 columns through depth."),
+    code("analysis.by_layer(reports) if reports else None"),
+    md("Similarity of a background-corner, a pet-interior and a boundary patch to every patch of one test image, "
+       "and CKA between the layers of the pre-trained encoder."),
+    code("[plots.reference_maps(r).show() for r in analysis.one_per_encoder(reports)] if reports else None"),
+    code("plots.cka_heatmap(next(r for r in reports if r['encoder']['name'] == 'mim')) if reports else None"),
+    md("Explore the tokens: a UMAP of the patch tokens of some test images for any encoder and layer, coloured by "
+       "trimap class, grid row or column, or image; hover a point to see which image and patch it is."),
+    code("analysis.explore_tokens(runs_dir, plan)"),
+])
+
+gal = nb([
+    md("# Gallery\n\nSegmentation maps to browse: each test image with its trimap, and the prediction of every "
+       "arm (scratch; `mim` = pre-trained only; and each intermediate arm) with its errors. Pick the pre-training "
+       "size, the number of labelled images and the seed; page through the test images."),
+    (lambda c: (c.metadata.__setitem__("tags", ["parameters"]), c)[1])(code(
+        '# the run store, and the study whose runs to show\n'
+        'runs_dir = "../runs"\n'
+        'params_file = "../params/demo.yaml"')),
+    code("from studylib import config, gallery, grid\n\n"
+         "runs = gallery.segment_runs(runs_dir, grid.plan(config.load(params_file)))\n"
+         "print(f'{len(runs)} finished segmentation runs')"),
+    code("gallery.browse(runs)"),
+])
+
+for name, n in [("01_pretrain", pre), ("02_intermediate", inter), ("03_segment", seg), ("results", res),
+                ("geometry", geo), ("gallery", gal)]:
     nbf.write(n, ROOT / "notebooks" / f"{name}.ipynb")
 print("ok")
