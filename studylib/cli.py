@@ -71,9 +71,14 @@ def cmd_run(args) -> int:
     summary = runner.execute(plan, args.runs, device=device, cache=cache, workers=args.workers or cfg.workers,
                              executor=args.executor or cfg.executor, cluster=cfg.cluster)
     print(summary.line())
-    from .results import collect, format_tables
+    from .results import claims_display, claims_all_arms, collect, format_tables, select
+    df = collect(args.runs, plan)
     print()
-    print(format_tables(collect(args.runs, plan)))
+    print(format_tables(df))
+    if len(df):
+        print("\nthe paper's findings on these runs (mIoU; `study results` has the intervals and the rest):")
+        print(claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]]
+              .to_string(index=False))
     if not args.no_notebook:
         out = write_results_notebook(args.runs, args.params, cfg.name)
         print(f"\nresults notebook: {out}")

@@ -21,11 +21,11 @@ class ParamError(ValueError):
 @dataclass
 class DataConfig:
     kind: str = "synthetic"          # synthetic: generated on the fly; real: the folders below
-    root: str = ""                   # synthetic: where to write it (default: <runs>/data/synth-<seed>)
+    root: str = ""                   # synthetic: where to write it (default: <cache>/synth-<spec hash>)
     pets: str = ""                   # real: Oxford-IIIT Pet root (images/, annotations/)
     intel: str = ""                  # real: Intel root (seg_train/, seg_test/)
     images: str = ""                 # real: unlabeled image folder tree (e.g. ImageNet train/)
-    cache: str = ""                  # decoded-image cache (default: <runs>/cache)
+    cache: str = ""                  # decoded-image cache (default: <runs>/cache under `study run`)
     skip_unreadable: bool = False    # leave out files that cannot be decoded (listed in metrics.json)
     synth: dict = field(default_factory=dict)   # SynthSpec fields for kind=synthetic
 

@@ -133,3 +133,18 @@ def test_cli_data_check_prints_json(tmp_path, capsys):
     assert cli.main(["data", "check", "pets", str(root)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["splits"]["trainval"]["samples"] == 4 and out["trimap_values"] == [1, 2, 3]
+
+
+def test_get_pets_asks_torchvision_for_images_and_trimaps(tmp_path, monkeypatch):
+    import torchvision.datasets
+    from studylib import download
+    calls = []
+
+    class FakePets:
+        def __init__(self, root, **kw):
+            calls.append((root, kw))
+
+    monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", FakePets)
+    out = download.get_pets(tmp_path)
+    assert out == tmp_path / "oxford-iiit-pet"
+    assert calls == [(str(tmp_path), {"split": "trainval", "target_types": "segmentation", "download": True})]
