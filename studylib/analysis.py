@@ -27,7 +27,7 @@ TABLE2_COLUMNS = {"within_image_variance": "within-image variance", "across_imag
                   "position_probe_pct": "position probe %"}
 
 
-def encoder_name(run: Run | None, pretrain_size: int = 0) -> str:
+def encoder_name(run: Run | None) -> str:
     """'scratch', 'mim' (pre-training only) or 'mim + <arm>'."""
     if run is None:
         return "scratch"

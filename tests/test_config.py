@@ -41,22 +41,15 @@ def test_every_shipped_parameter_file_loads(path):          # smoke.yaml, and de
 
 # ------------------------------------------------------------------------------------------ unknown keys
 
-def test_unknown_top_level_key_lists_the_valid_keys(tmp_path):
+@pytest.mark.parametrize("text, bad, valid", [
+    ("modle: viny\n", "modle", ("model", "protocol", "grid", "segment")),
+    ("segment: {epoch: 3}\n", "segment.epoch", ("epochs", "batch_size", "lr", "spatial_log_softmax")),
+])
+def test_unknown_key_lists_the_valid_keys_and_the_file(tmp_path, text, bad, valid):
     with pytest.raises(ParamError) as e:
-        C.load(_write(tmp_path, "modle: viny\n"))
+        C.load(_write(tmp_path, text))
     msg = str(e.value)
-    assert "modle" in msg
-    for key in ("model", "protocol", "grid", "segment"):
-        assert key in msg
-
-
-def test_unknown_nested_key_lists_the_sections_keys(tmp_path):
-    with pytest.raises(ParamError) as e:
-        C.load(_write(tmp_path, "segment: {epoch: 3}\n"))
-    msg = str(e.value)
-    assert "segment.epoch" in msg
-    for key in ("epochs", "batch_size", "lr", "spatial_log_softmax"):
-        assert key in msg
+    assert bad in msg and all(key in msg for key in valid)
     assert str(tmp_path / "params.yaml") in msg      # load() says which file
 
 
