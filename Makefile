@@ -30,7 +30,7 @@ study: $(STAMP)
 # unit tests, then nbval over every notebook (lax: only cells marked NBVAL_CHECK_OUTPUT are compared)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
-	$(BIN)/python -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider notebooks
+	$(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider notebooks
 
 # the report test renders in headless Chromium; install Debian's package where we can (root + apt),
 # otherwise that one test skips and says why

@@ -69,7 +69,8 @@ def cmd_run(args) -> int:
           f" into {args.runs}/")
     cache = str(Path(cfg.data.cache).resolve()) if cfg.data.cache else ""
     summary = runner.execute(plan, args.runs, device=device, cache=cache, workers=args.workers or cfg.workers,
-                             executor=args.executor or cfg.executor, cluster=cfg.cluster)
+                             executor=args.executor or cfg.executor, cluster=cfg.cluster,
+                             timeouts=config.to_dict(cfg.timeouts))
     print(summary.line())
     from .results import claims_display, claims_all_arms, collect, format_tables, select
     df = collect(args.runs, plan)
@@ -80,8 +81,14 @@ def cmd_run(args) -> int:
         print(claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]]
               .to_string(index=False))
     if not args.no_notebook:
-        out = write_results_notebook(args.runs, args.params, cfg.name)
-        print(f"\nresults notebook: {out}")
+        from .execution import NotebookTimeout
+        try:
+            out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
+            print(f"\nresults notebook: {out}")
+        except NotebookTimeout as e:
+            print(f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
+                  f"`study results {args.params}` prints the same tables.", file=sys.stderr)
+            return 1
     if not summary.ok:
         for rid in summary.failed:
             print(f"failed: {rid} (see {args.runs}/*/{rid}/error.json)", file=sys.stderr)
@@ -89,13 +96,15 @@ def cmd_run(args) -> int:
     return 0
 
 
-def write_results_notebook(runs: str, params: str, name: str) -> Path:
-    import papermill as pm
-
+def write_results_notebook(runs: str, params: str, name: str, cell_timeout: float = 600) -> Path:
+    """Execute the results notebook into the run store, in batch: static figures, no widgets (nothing
+    would show them, and widget messages are what hung batch runs under ipykernel 7)."""
+    from .execution import run_notebook
     from .runner import NOTEBOOK_DIR
     out = Path(runs) / f"results-{name}.ipynb"
-    pm.execute_notebook(str(NOTEBOOK_DIR / "results.ipynb"), str(out), kernel_name="python3", progress_bar=False,
-                        parameters={"runs_dir": str(Path(runs).resolve()), "params_file": str(Path(params).resolve())})
+    run_notebook(NOTEBOOK_DIR / "results.ipynb", out, {"runs_dir": str(Path(runs).resolve()),
+                                                      "params_file": str(Path(params).resolve()),
+                                                      "interactive": False}, cell_timeout=cell_timeout)
     return out
 
 

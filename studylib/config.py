@@ -96,6 +96,12 @@ class SegmentConfig(StageConfig):
 
 
 @dataclass
+class TimeoutConfig:
+    cell: int = 600                  # seconds any notebook cell but a training call may run
+    training: int = 0                # seconds a stage's training cell may run; 0: from its image-steps
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     model: str = "viny"
@@ -104,6 +110,7 @@ class StudyConfig:
     workers: int = 2                 # stage runs executed at once by `study run` (executor local)
     executor: str = "local"          # local | slurm (submitit job arrays) | submitit-local
     cluster: dict = field(default_factory=dict)   # submitit parameters, e.g. slurm_partition, gpus_per_node
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)   # a hung kernel is killed past these
     data: DataConfig = field(default_factory=DataConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -222,6 +229,8 @@ def validate(cfg: StudyConfig) -> None:
         raise ParamError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
     if cfg.executor not in ("local", "slurm", "submitit-local"):
         raise ParamError(f"executor: {cfg.executor!r} is not one of local, slurm, submitit-local")
+    if cfg.timeouts.cell < 1 or cfg.timeouts.training < 0:
+        raise ParamError(f"timeouts: cell at least 1 s and training 0 (estimate) or more, got {cfg.timeouts}")
     if cfg.workers < 1:
         raise ParamError(f"workers: at least 1, got {cfg.workers}")
     if cfg.data.kind not in ("synthetic", "real"):

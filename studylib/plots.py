@@ -143,11 +143,15 @@ def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the inte
     return fig
 
 
-def explore(df: pd.DataFrame):
+def explore(df: pd.DataFrame, interactive: bool = True):
     """JupyterLab explorer of the results: dropdowns for metric and protocol redraw the scaling curves
     (with the paper's overlaid), the intermediate-stage heatmap and the claims (finding c per intermediate
-    arm). Returns the widget
-    box (an HTML note when there are no runs)."""
+    arm). Returns the widget box (an HTML note when there are no runs). With interactive=False (a batch
+    run, where no frontend would show a widget) it returns a note instead and builds no widget."""
+    if not interactive:
+        from IPython.display import Markdown
+        return Markdown("*Batch run: the interactive explorer is built when this notebook is run in JupyterLab; "
+                        "the static figures follow.*")
     import ipywidgets as widgets
     from IPython.display import display
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import provenance
-from .grid import NOTEBOOKS, STAGES, Run
+from .execution import CELL_TIMEOUT, run_notebook
+from .grid import NOTEBOOKS, STAGES, Run, image_steps
 from .locks import RunLock
 from .store import atomic_write_json, read_json
 from .train import progress_enabled
@@ -52,8 +53,25 @@ def notebook_parameters(run: Run, runs: Path, device: str, cache: str) -> dict:
             "parent_dir": str(run.parent.dir(runs).resolve()) if run.parent else ""}
 
 
-def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR) -> None:
-    import papermill as pm
+# The slowest training we expect, in image-steps per second, by model and device (several times below
+# what was measured): a training cell gets half an hour plus its image-steps at this rate before it
+# counts as hung. `timeouts.training` in a parameter file replaces the estimate.
+SLOWEST_RATE = {("viny-tiny", "cpu"): 40.0, ("viny", "cpu"): 4.0, ("viny-tiny", "cuda"): 400.0, ("viny", "cuda"): 200.0}
+
+
+def training_timeout(run: Run, device: str, timeouts: dict | None = None) -> float:
+    """Seconds the run's training cell may take: `timeouts['training']` when set, else estimated."""
+    if (timeouts or {}).get("training"):
+        return float(timeouts["training"])
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rate = SLOWEST_RATE.get((run.params["model"], device), 4.0)
+    return 1800.0 + image_steps(run) / rate
+
+
+def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR,
+                timeouts: dict | None = None) -> None:
     d = run.dir(runs)
     d.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(run, runs, device, cache)
@@ -61,8 +79,9 @@ def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path =
                                           "parent": run.parent.id if run.parent else None, "parameters": params})
     partial = d / ".notebook.partial.ipynb"   # papermill saves as it goes: publish only whole notebooks
     try:
-        pm.execute_notebook(str(notebooks / NOTEBOOKS[run.stage]), str(partial), parameters=params,
-                            kernel_name="python3", progress_bar=False)   # no cwd=: papermill's chdir is process-wide
+        run_notebook(notebooks / NOTEBOOKS[run.stage], partial, params,  # no cwd=: papermill's chdir is process-wide
+                     cell_timeout=(timeouts or {}).get("cell") or CELL_TIMEOUT,
+                     training_timeout=training_timeout(run, device, timeouts))
     except BaseException:
         if partial.exists():
             os.replace(partial, d / "notebook-failed.ipynb")
@@ -79,7 +98,8 @@ def _record_failure(run: Run, runs: Path, e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR):
+def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR,
+            timeouts: dict | None = None):
     """Execute one run under its lock -> (status, message, seconds); status is 'ran', 'failed' or
     'elsewhere' (another runner finished it while this one waited for the lock). Never raises."""
     os.environ["STUDYLIB_PROGRESS"] = "0"   # kernels inherit these: no bars in executed notebooks,
@@ -89,7 +109,7 @@ def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOT
         if is_done(d):
             return "elsewhere", None, 0.0
         try:
-            execute_run(run, runs, device, cache, notebooks)
+            execute_run(run, runs, device, cache, notebooks, timeouts)
         except Exception as e:  # recorded, never raised: one bad run must not lose the others
             return "failed", _record_failure(run, runs, e), time.time() - t0
         metrics = read_json(d / "metrics.json", {})
@@ -133,25 +153,27 @@ class _Book:
 
 def execute(plan: list[Run], runs: str | Path, device: str = "auto", cache: str = "", workers: int = 1,
             executor: str = "local", cluster: dict | None = None, notebooks: Path = NOTEBOOK_DIR,
-            echo=print) -> Summary:
+            echo=print, timeouts: dict | None = None) -> Summary:
     """Run every unfinished run of the plan, each after its parent. `executor`: 'local' (up to
     `workers` runs at once on this machine), 'slurm' (a submitit job array per stage; `cluster` holds
     submitit parameters such as slurm_partition, gpus_per_node, timeout_min) or 'submitit-local'
-    (the same path through submitit's local executor, for testing)."""
+    (the same path through submitit's local executor, for testing). `timeouts`: {'cell': s, 'training': s}
+    (0 or missing: the defaults, see training_timeout); a run past its limit is recorded failed."""
     runs = Path(runs).resolve()
     cache = cache or str(runs / "cache")
     book = _Book(plan, runs, echo)
     if executor == "local":
-        _execute_local(book, runs, device, cache, workers, notebooks)
+        _execute_local(book, runs, device, cache, workers, notebooks, timeouts)
     elif executor in ("slurm", "submitit-local"):
-        _execute_submitit(book, runs, device, cache, executor, cluster or {}, notebooks)
+        _execute_submitit(book, runs, device, cache, executor, cluster or {}, notebooks, timeouts)
     else:
         raise ValueError(f"unknown executor {executor!r}; valid: local, slurm, submitit-local")
     book.bar.close()
     return book.summary
 
 
-def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: int, notebooks: Path) -> None:
+def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: int, notebooks: Path,
+                   timeouts: dict | None) -> None:
     # share the cores between concurrent kernels instead of oversubscribing them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -163,7 +185,7 @@ def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: in
                     book.pending.remove(run)
                 elif state and len(running) < workers:
                     book.pending.remove(run)
-                    running[pool.submit(attempt, run, runs, device, cache, notebooks)] = run
+                    running[pool.submit(attempt, run, runs, device, cache, notebooks, timeouts)] = run
             if not running:
                 if book.pending:   # cannot happen for a plan from grid.plan: parents always come first
                     raise RuntimeError(f"runs whose parents are not in the plan: {[r.id for r in book.pending]}")
@@ -174,7 +196,7 @@ def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: in
 
 
 def _execute_submitit(book: _Book, runs: Path, device: str, cache: str, executor: str, cluster: dict,
-                      notebooks: Path) -> None:
+                      notebooks: Path, timeouts: dict | None) -> None:
     """One job array per stage (a stage's runs only depend on earlier stages); the run store must be
     on a filesystem the cluster's nodes share."""
     import submitit
@@ -190,7 +212,7 @@ def _execute_submitit(book: _Book, runs: Path, device: str, cache: str, executor
         if not wave:
             continue
         n = len(wave)
-        jobs = ex.map_array(attempt, wave, [runs] * n, [device] * n, [cache] * n, [notebooks] * n)
+        jobs = ex.map_array(attempt, wave, [runs] * n, [device] * n, [cache] * n, [notebooks] * n, [timeouts] * n)
         for run, job in zip(wave, jobs):
             try:
                 book.outcome(run, *job.result())

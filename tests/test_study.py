@@ -60,9 +60,23 @@ def test_results_notebook_executes(smoke_store, tmp_path):
     runs, _, _ = smoke_store
     out = tmp_path / "results.ipynb"
     pm.execute_notebook(str(ROOT / "notebooks" / "results.ipynb"), str(out), kernel_name="python3",
-                        progress_bar=False, parameters={"runs_dir": str(runs), "params_file": str(SMOKE)})
+                        progress_bar=False, parameters={"runs_dir": str(runs), "params_file": str(SMOKE)},
+                        execution_timeout=300)
     text = out.read_text()
     assert "4 finished segmentation runs" in text
+    assert "application/vnd.jupyter.widget-view+json" in text     # opened by a person: the explorer
+
+
+@pytest.mark.slow
+def test_results_notebook_never_hangs_in_batch(smoke_store):
+    """20 executions in a row, as `study run` makes them (batch: static figures; a cell limit), all end."""
+    runs, _, _ = smoke_store
+    for i in range(20):
+        out = cli.write_results_notebook(str(runs), str(SMOKE), f"loop{i}", cell_timeout=120)
+        text = out.read_text()
+        assert "4 finished segmentation runs" in text and "Batch run" in text, i
+        assert "application/vnd.jupyter.widget-view+json" not in text, i
+        out.unlink()
 
 
 @pytest.mark.parametrize("stage", grid.STAGES)
