@@ -7,14 +7,14 @@ from pathlib import Path
 
 
 def cmd_info(args) -> int:
-    from .model import layer_summary
+    from studylib.core.model import layer_summary
     print(layer_summary(args.model))
     return 0
 
 
 def cmd_data_synth(args) -> int:
-    from .datasets import synth_spec
-    from .synth import write_synthetic
+    from studylib.data.sources import synth_spec
+    from studylib.data.synth import write_synthetic
     spec = synth_spec({k: v for k, v in vars(args).items()
                        if k in ("seed", "pets", "unlabeled", "intel_train_per_class", "intel_test_per_class")
                        and v is not None})
@@ -26,13 +26,13 @@ def cmd_data_synth(args) -> int:
 def cmd_data_check(args) -> int:
     import json
 
-    from .datacheck import check
+    from studylib.data.check import check
     print(json.dumps(check(args.kind, args.root), indent=2))
     return 0
 
 
 def cmd_data_get(args) -> int:
-    from . import download
+    from studylib.data import download
     if args.kind == "pets":
         print(download.get_pets(args.root))
     else:
@@ -44,8 +44,8 @@ def cmd_data_get(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import config, grid
-    from .runner import is_done
+    from studylib.study import config, grid
+    from studylib.study.runner import is_done
     plan = grid.plan(config.load(args.params))
     states = {}
     for r in plan:
@@ -61,7 +61,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import config, grid, runner
+    from studylib.study import config, grid, runner
     cfg = config.load(args.params)
     plan = grid.plan(cfg)
     device = args.device or cfg.device
@@ -72,7 +72,7 @@ def cmd_run(args) -> int:
                              executor=args.executor or cfg.executor, cluster=cfg.cluster,
                              timeouts=config.to_dict(cfg.timeouts))
     print(summary.line())
-    from .results import claims_display, claims_all_arms, collect, format_tables, select
+    from studylib.analysis.results import claims_display, claims_all_arms, collect, format_tables, select
     df = collect(args.runs, plan)
     print()
     print(format_tables(df))
@@ -81,7 +81,7 @@ def cmd_run(args) -> int:
         print(claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]]
               .to_string(index=False))
     if not args.no_notebook:
-        from .execution import NotebookTimeout
+        from studylib.study.execution import NotebookTimeout
         try:
             out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
             print(f"\nresults notebook: {out}")
@@ -99,8 +99,8 @@ def cmd_run(args) -> int:
 def write_results_notebook(runs: str, params: str, name: str, cell_timeout: float = 600) -> Path:
     """Execute the results notebook into the run store, in batch: static figures, no widgets (nothing
     would show them, and widget messages are what hung batch runs under ipykernel 7)."""
-    from .execution import run_notebook
-    from .runner import NOTEBOOK_DIR
+    from studylib.study.execution import run_notebook
+    from studylib.study.runner import NOTEBOOK_DIR
     out = Path(runs) / f"results-{name}.ipynb"
     run_notebook(NOTEBOOK_DIR / "results.ipynb", out, {"runs_dir": str(Path(runs).resolve()),
                                                       "params_file": str(Path(params).resolve()),
@@ -109,21 +109,23 @@ def write_results_notebook(runs: str, params: str, name: str, cell_timeout: floa
 
 
 def cmd_results(args) -> int:
-    from . import config, grid
-    from .results import collect, render
+    from studylib.study import config, grid
+    from studylib.analysis.results import collect, render
     plan = grid.plan(config.load(args.params)) if args.params else None
     print(render(collect(args.runs, plan), args.format))
     return 0
 
 
 def cmd_geometry(args) -> int:
-    from . import analysis, config, grid
+    from studylib.analysis import encoders
+    from studylib.study import config, grid
     analysis.compute(args.runs, grid.plan(config.load(args.params)), n_images=args.images, device=args.device)
     return 0
 
 
 def cmd_report(args) -> int:
-    from . import config, grid, report
+    from studylib.study import config, grid
+    from studylib.views import report
     cfg = config.load(args.params)
     out = Path(args.out or Path(args.runs) / f"report-{cfg.name}.html")
     print(f"report: {report.write(args.runs, grid.plan(cfg), out, f'{cfg.name}: ViNy self-supervised learning study')}")
@@ -190,8 +192,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ParamError
-    from .data import DataError
+    from studylib.study.config import ParamError
+    from studylib.data.readers import DataError
     args = parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from studylib import augment as A
+from studylib.core import augment as A
 
 torch.set_num_threads(2)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from studylib import config as C
-from studylib.config import ParamError
+from studylib.study import config as C
+from studylib.study.config import ParamError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 SHIPPED = sorted(PARAMS.glob("*.yaml"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studylib import data as D
-from studylib.data import DataError
+from studylib.data.readers import readers as D
+from studylib.data.readers import DataError
 
 S = 8          # study resolution used throughout (sources are 16 px)
 

@@ -10,8 +10,8 @@ import nbformat
 import psutil
 import pytest
 
-from studylib import config, grid, runner
-from studylib.execution import NotebookTimeout, run_notebook
+from studylib.study import config, grid, runner
+from studylib.study.execution import NotebookTimeout, run_notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"

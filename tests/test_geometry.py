@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from studylib import augment as A
-from studylib import geometry as G
-from studylib.model import build_encoder
+from studylib.core import augment as A
+from studylib.analysis.encoders import geometry as G
+from studylib.core.model import build_encoder
 
 
 def gen(seed=0):

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from studylib import config as C
-from studylib.grid import STAGES, plan
+from studylib.study import config as C
+from studylib.study.grid import STAGES, plan
 
 GRID = {"pretrain_sizes": [0, 10, 20], "intermediate": [False, True], "finetune_sizes": [4, 8], "seeds": [0, 1]}
 

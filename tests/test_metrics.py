@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from studylib.metrics import (
+from studylib.core.metrics import (
     ClassificationMeter,
     SegmentationMeter,
     confusion_matrix,

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studylib.mim import mim_loss, random_masks
-from studylib.model import patchify
+from studylib.core.masking import mim_loss, random_masks
+from studylib.core.model import patchify
 
 torch.set_num_threads(2)
 

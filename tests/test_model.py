@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from studylib.model import (MODELS, VINY_PARAMS, Classifier, MaskedImageModel, PatchClassifier, Segmenter,
+from studylib.core.model import (MODELS, VINY_PARAMS, Classifier, MaskedImageModel, PatchClassifier, Segmenter,
                             build_encoder, count_params, layer_summary, model_config, patchify, unpatchify)
 
 torch.set_num_threads(2)

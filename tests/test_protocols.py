@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from studylib import config, grid, stages
-from studylib.config import SegmentConfig
-from studylib.datasets import resolve_data
+from studylib.study import config, grid, stages
+from studylib.study.config import SegmentConfig
+from studylib.data.sources import resolve_data
 
 DATA = {"kind": "synthetic", "synth": {"pets": 80, "unlabeled": 8, "intel_train_per_class": 2,
                                        "intel_test_per_class": 1}}

@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studylib import cli, config, data as D, grid, runner
-from studylib.datacheck import check
-from studylib.download import get_archive
-from studylib.results import collect
+from studylib import cli
+
+from studylib.study import config, grid, runner
+
+from studylib.data.readers import readers as D
+from studylib.data.check import check
+from studylib.data.download import get_archive
+from studylib.analysis.results import collect
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -106,7 +110,7 @@ def test_skipping_unreadable_files_drops_and_lists_them(tmp_path):
 
 
 def test_segment_stage_records_skipped_files(tmp_path):
-    from studylib import stages
+    from studylib.study import stages
     root = _tiny_pets(tmp_path / "pets", broken=True)
     data = {"kind": "real", "pets": str(root), "cache": str(tmp_path / "cache"), "skip_unreadable": True}
     m = stages.segment(str(tmp_path / "run"), data=data, settings={"epochs": 1, "batch_size": 2, "test_size": 2},
@@ -137,7 +141,7 @@ def test_cli_data_check_prints_json(tmp_path, capsys):
 
 def test_get_pets_asks_torchvision_for_images_and_trimaps(tmp_path, monkeypatch):
     import torchvision.datasets
-    from studylib import download
+    from studylib.data.readers import download
     calls = []
 
     class FakePets:

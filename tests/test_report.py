@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from studylib import analysis, config, grid, report, runner
+from studylib.analysis.encoders import encoders
+
+from studylib.study import config, grid, runner
+
+from studylib.views import report
 
 ROOT = Path(__file__).resolve().parent.parent
 

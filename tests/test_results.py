@@ -8,8 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from studylib import plots, results
-from studylib.results import (claims, collect, gain_table, intermediate_table, paper_comparison, paper_frame,
+from studylib.views import plots
+
+from studylib.analysis.encoders import results
+from studylib.analysis.results import (claims, collect, gain_table, intermediate_table, paper_comparison, paper_frame,
                               paper_table, render, summary)
 
 T1 = 12.706        # t quantile 0.975, 1 degree of freedom (two seeds, paired)

@@ -15,8 +15,10 @@ import psutil
 import pytest
 import yaml
 
-from studylib import cli, config, grid, runner
-from studylib.locks import RunLock
+from studylib import cli
+
+from studylib.study import config, grid, runner
+from studylib.study.locks import RunLock
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = [sys.executable, "-m", "studylib.cli"]
@@ -33,7 +35,7 @@ def _params(tmp_path: Path, **grid_values) -> Path:
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r); from studylib.locks import RunLock; "
+        "import sys, time; sys.path.insert(0, %r); from studylib.study.locks import RunLock; "
         "l = RunLock(%r); l.acquire(); print('held', flush=True); time.sleep(60)") % (str(ROOT), str(tmp_path))],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

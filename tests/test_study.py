@@ -10,8 +10,12 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from studylib import cli, config, grid, runner, stages, train
-from studylib.results import collect, paper_table
+from studylib import cli
+
+from studylib.study import config, grid, runner, stages
+
+from studylib.core import train
+from studylib.analysis.results import collect, paper_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studylib import synth
-from studylib.synth import INTEL_CLASSES, SynthSpec, write_synthetic
+from studylib.data.readers import synth
+from studylib.data.synth import INTEL_CLASSES, SynthSpec, write_synthetic
 
 # Enough pets that pooled pixel statistics are stable whatever the seed; still well under a second to write.
 SPEC = SynthSpec(seed=3, pets=120, intel_train_per_class=12, intel_test_per_class=6, unlabeled=40)

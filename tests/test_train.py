@@ -11,8 +11,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from studylib import train as T
-from studylib.model import MaskedImageModel, build_encoder
+from studylib.core import train as T
+from studylib.core.model import MaskedImageModel, build_encoder
 
 torch.set_num_threads(2)
 CPU = torch.device("cpu")

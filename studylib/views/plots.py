@@ -7,9 +7,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
-from .model import patchify, unpatchify
-from .results import arm_label, summary
+from studylib.core.augment import IMAGENET_MEAN, IMAGENET_STD
+from studylib.core.model import patchify, unpatchify
+from studylib.analysis.results import arm_label, summary
 
 # trimap classes: pet, background, boundary
 CLASS_COLOURS = np.array([[230, 120, 40], [40, 60, 110], [250, 240, 180]], dtype=np.uint8)
@@ -93,7 +93,7 @@ def scaling_curves(df: pd.DataFrame, metric: str = "miou", paper: pd.DataFrame |
     over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, its curves are
     overlaid dotted in the arm's colour, error bars = the paper's std; paper arms the study lacks start
     hidden (click the legend to show them)."""
-    from .results import METRICS, arm_rank
+    from studylib.analysis.results import METRICS, arm_rank
     s = summary(df, metric)
     theirs = pd.DataFrame() if paper is None else paper[paper["metric"] == metric]
     colours = _arm_colours(list(s.pretrain_size) + list(theirs.get("pretrain_size", [])))
@@ -155,7 +155,7 @@ def explore(df: pd.DataFrame, interactive: bool = True):
     import ipywidgets as widgets
     from IPython.display import display
 
-    from .results import (METRICS, NO_RUNS, claims_all_arms, claims_display, intermediate_table, paper_frame,
+    from studylib.analysis.results import (METRICS, NO_RUNS, claims_all_arms, claims_display, intermediate_table, paper_frame,
                           protocols, select)
     if df.empty:
         return widgets.HTML(f"<i>{NO_RUNS}</i>")
@@ -182,7 +182,7 @@ def explore(df: pd.DataFrame, interactive: bool = True):
 def cosine_curves(reports: list[dict], layer: int = -1, paper: dict | None = None) -> go.Figure:
     """Mean token cosine against Manhattan distance on the patch grid, one line per encoder (mean
     over seeds and pre-training sizes), at one layer; the paper's Fig. 5 curves dotted."""
-    from .analysis import PAPER_NAMES
+    from studylib.analysis.encoders import PAPER_NAMES
     curves: dict[str, list] = {}
     for rep in reports:
         row = next((r for r in rep["per_layer"] if r["layer"] == layer), None)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .config import DataConfig, build
-from .data import default_cache_dir
-from .synth import FORMAT_VERSION, SynthSpec, write_synthetic
+from studylib.study.config import DataConfig, build
+from studylib.data.readers import default_cache_dir
+from studylib.data.synth import FORMAT_VERSION, SynthSpec, write_synthetic
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .store import atomic_save_npy, atomic_write_json, read_json
+from studylib.core.files import atomic_save_npy, atomic_write_json, read_json
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 INTEL_CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
@@ -126,7 +126,7 @@ def cached_stack(paths: list[Path], what: str, decode, cache_dir: str | Path | N
 def _decode_all(paths: list[Path], decode, name: str, skip: bool):
     from tqdm.auto import tqdm
 
-    from .train import progress_enabled
+    from studylib.core.train import progress_enabled
     rows, bad = [], []
     for i, p in enumerate(tqdm(paths, desc=f"decoding {name}", disable=not progress_enabled(), leave=False)):
         try:

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import StudyConfig
+from studylib.study.config import StudyConfig
 
 STAGES = ("pretrain", "intermediate", "segment")
 NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.ipynb", "segment": "03_segment.ipynb"}
@@ -91,9 +91,9 @@ def image_steps(run: Run) -> int:
         return run.params["size"] * epochs
     data = run.params["data"]
     if data["kind"] == "synthetic":
-        from .datasets import synth_spec
-        from .data import INTEL_CLASSES
+        from studylib.data.sources import synth_spec
+        from studylib.data.readers import INTEL_CLASSES
         return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES) * epochs
-    from .data import IMAGE_EXTENSIONS, intel_split_dir
+    from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir
     base = intel_split_dir(data["intel"], "train")
     return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in base.rglob("*")) * epochs

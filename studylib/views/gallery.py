@@ -9,12 +9,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .augment import normalize, to_float
-from .config import SegmentConfig, build
-from .datasets import resolve_data
-from .model import Segmenter
-from .store import read_json
-from .train import load_encoder
+from studylib.core.augment import normalize, to_float
+from studylib.study.config import SegmentConfig, build
+from studylib.data.sources import resolve_data
+from studylib.core.model import Segmenter
+from studylib.core.files import read_json
+from studylib.core.train import load_encoder
 
 
 def segment_runs(runs: str | Path, plan=None) -> pd.DataFrame:
@@ -41,7 +41,7 @@ def load_segmenter(run_dir: str | Path) -> Segmenter:
 @lru_cache(maxsize=64)
 def predictions(run_dir: str, n: int = 16) -> dict:
     """The first n test images of a finished run, their trimaps and the run's predictions."""
-    from .stages import segmentation_split
+    from studylib.study.stages import segmentation_split
     p = read_json(Path(run_dir) / "params.json")["parameters"]
     s = build(SegmentConfig, p["settings"], "segment")
     model = load_segmenter(run_dir)
@@ -62,7 +62,7 @@ def figure(df: pd.DataFrame, index: int, arms: list[str], finetune_size: int, se
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .plots import colour_trimap
+    from studylib.views.plots import colour_trimap
     arm = pd.Series([arm_of(p, i) for p, i in zip(df.pretrain_size, df.intermediate)], index=df.index)
     rows = df[(df.finetune_size == finetune_size) & (df.seed == seed) & arm.isin(arms) &
               ((df.pretrain_size == pretrain_size) | (arm == "scratch"))]

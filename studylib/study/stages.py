@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from . import augment as A
-from .config import IntermediateConfig, PretrainConfig, SegmentConfig, build
-from .data import PET_CLASSES, SegData, load_image_set, load_intel, load_pets, nested_subset
-from .datasets import resolve_data
-from .locks import RunLock
-from .metrics import ClassificationMeter, SegmentationMeter
-from .mim import mim_loss, random_masks
-from .model import Classifier, MaskedImageModel, PatchClassifier, Segmenter, build_encoder
-from .store import atomic_write_bytes, atomic_write_json, read_json
-from .train import CHECKPOINT, Schedule, fit, load_encoder, resolve_device, save_encoder
+from studylib.core import augment as A
+from studylib.study.config import IntermediateConfig, PretrainConfig, SegmentConfig, build
+from studylib.data.readers import PET_CLASSES, SegData, load_image_set, load_intel, load_pets, nested_subset
+from studylib.data.sources import resolve_data
+from studylib.study.locks import RunLock
+from studylib.core.metrics import ClassificationMeter, SegmentationMeter
+from studylib.core.masking import mim_loss, random_masks
+from studylib.core.model import Classifier, MaskedImageModel, PatchClassifier, Segmenter, build_encoder
+from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
+from studylib.core.train import CHECKPOINT, Schedule, fit, load_encoder, resolve_device, save_encoder
 
 EVAL_BATCH = 256
 
@@ -178,7 +178,7 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
             K = int(torch.cat([train.labels, test.labels]).max()) + 1
             classes, train_y, test_y = [str(k + 1) for k in range(K)], train.labels, test.labels
         else:
-            from .geometry import patch_labels
+            from studylib.analysis.geometry import patch_labels
             classes = list(PET_CLASSES)
             train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
     K = len(classes)

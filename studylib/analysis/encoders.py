@@ -12,14 +12,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import SegmentConfig, build
-from .datasets import resolve_data
-from .geometry import PAPER_TABLE2, geometry_report
-from .grid import Run
-from .model import build_encoder
-from .runner import is_done
-from .store import atomic_write_json, read_json
-from .train import load_encoder
+from studylib.study.config import SegmentConfig, build
+from studylib.data.sources import resolve_data
+from studylib.analysis.geometry import PAPER_TABLE2, geometry_report
+from studylib.study.grid import Run
+from studylib.core.model import build_encoder
+from studylib.study.runner import is_done
+from studylib.core.files import atomic_write_json, read_json
+from studylib.core.train import load_encoder
 
 TABLE2_COLUMNS = {"within_image_variance": "within-image variance", "across_image_variance": "across-image variance",
                   "patch_probe_train_pct": "patch probe train %", "patch_probe_heldout_pct": "patch probe held-out %",
@@ -36,7 +36,7 @@ def encoder_name(run: Run | None) -> str:
 
 def geometry_images(plan: list[Run], n: int):
     """The first n images (and trimaps) of the study's segmentation test split."""
-    from .stages import segmentation_split
+    from studylib.study.stages import segmentation_split
     seg = next(r for r in plan if r.stage == "segment")
     s = build(SegmentConfig, seg.params["settings"], "segment")
     size = build_encoder(seg.params["model"]).cfg.img_size
@@ -88,7 +88,7 @@ def reports(runs: str | Path, plan: list[Run]) -> list[dict]:
 
 def frame(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
     """One row per encoder at one layer (-1: the final normed tokens, as the paper measures)."""
-    from .geometry import table
+    from studylib.analysis.geometry import table
     rows = []
     for rep in reports_:
         t = table(rep)
@@ -144,8 +144,8 @@ def token_umap(encoder, images, masks, names: list[str], layer: int = -1, n_neig
     row and column, majority trimap class."""
     import umap
 
-    from .data import PET_CLASSES
-    from .geometry import patch_labels, patch_tokens
+    from studylib.data.readers import PET_CLASSES
+    from studylib.analysis.geometry import patch_labels, patch_tokens
     T = patch_tokens(encoder, images, [layer])[layer]                     # [N, P, D]
     N, P, D = T.shape
     g = encoder.cfg.grid
@@ -163,7 +163,7 @@ def explore_tokens(runs: str | Path, plan: list[Run]):
     import ipywidgets as W
     from IPython.display import display
 
-    from .plots import token_scatter
+    from studylib.views.plots import token_scatter
     runs = Path(runs).resolve()
     choices = [(f"{encoder_name(r)}, pre-training {r.labels['pretrain_size']}, seed {r.params['seed']}", r)
                for r in plan if r.stage in ("pretrain", "intermediate") and is_done(r.dir(runs))]

@@ -12,10 +12,12 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from . import analysis, gallery, plots, results
-from .geometry import PAPER_COSINE
-from .grid import Run
-from .store import atomic_write_text
+from studylib.analysis import encoders, results
+
+from studylib.views import gallery, plots
+from studylib.analysis.geometry import PAPER_COSINE
+from studylib.study.grid import Run
+from studylib.core.files import atomic_write_text
 
 CATCH_ERRORS = """<script>
 window.__errors = [];

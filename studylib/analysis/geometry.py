@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from . import augment as A
+from studylib.core import augment as A
 
 __all__ = [
     "PAPER_TABLE2", "PAPER_COSINE", "PET", "BACKGROUND", "BOUNDARY",

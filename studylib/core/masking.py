@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import patchify
+from studylib.core.model import patchify
 
 
 def random_masks(batch: int, grid: int, unit: int, ratio: float, g: torch.Generator | None = None) -> torch.Tensor:

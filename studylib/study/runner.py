@@ -15,14 +15,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import provenance
-from .execution import CELL_TIMEOUT, run_notebook
-from .grid import NOTEBOOKS, STAGES, Run, image_steps
-from .locks import RunLock
-from .store import atomic_write_json, read_json
-from .train import progress_enabled
+from studylib.study import provenance
+from studylib.study.execution import CELL_TIMEOUT, run_notebook
+from studylib.study.grid import NOTEBOOKS, STAGES, Run, image_steps
+from studylib.study.locks import RunLock
+from studylib.core.files import atomic_write_json, read_json
+from studylib.core.train import progress_enabled
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# the notebooks travel inside the installed package (studylib/notebooks); an editable install or a
+# source checkout reads the top-level notebooks/ folder, where they are kept
+NOTEBOOK_DIR = PACKAGE_DIR / "notebooks" if (PACKAGE_DIR / "notebooks").is_dir() else PACKAGE_DIR.parent / "notebooks"
 
 
 @dataclass
@@ -114,7 +117,7 @@ def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOT
             return "failed", _record_failure(run, runs, e), time.time() - t0
         metrics = read_json(d / "metrics.json", {})
         atomic_write_json(d / "provenance.json", provenance.record(
-            NOTEBOOK_DIR.parent, run.params.get("seed"), metrics.get("device", device), t0, time.time()))
+            PACKAGE_DIR, run.params.get("seed"), metrics.get("device", device), t0, time.time()))
         (d / "error.json").unlink(missing_ok=True)
     return "ran", None, time.time() - t0
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .grid import Run
-from .store import read_json
+from studylib.study.grid import Run
+from studylib.core.files import read_json
 
 METRICS = {"miou": "mIoU % (per image, paper)", "pixel_acc": "pixel accuracy %",
            "miou_dataset": "mIoU % (dataset level)"}
@@ -305,7 +305,7 @@ def intermediate_table(df: pd.DataFrame, metric: str = "miou", pivot: bool = Fal
 @lru_cache(maxsize=1)
 def _paper_json() -> dict:
     """The paper's tables as shipped in paper_results.json."""
-    return json.loads(resources.files("studylib").joinpath("paper_results.json").read_text())
+    return json.loads(resources.files("studylib.analysis").joinpath("paper_results.json").read_text())
 
 
 def paper_frame() -> pd.DataFrame:

@@ -222,7 +222,7 @@ def load(path: str | Path) -> StudyConfig:
 
 
 def validate(cfg: StudyConfig) -> None:
-    from .model import MODELS
+    from studylib.core.model import MODELS
     if cfg.model not in MODELS:
         raise ParamError(f"model: unknown {cfg.model!r}; valid: {', '.join(MODELS)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -264,7 +264,7 @@ def validate(cfg: StudyConfig) -> None:
         raise ParamError(f"segment.split: {cfg.segment.split!r} is not one of fixed, official, pooled")
     if cfg.segment.interpolation not in ("bilinear", "nearest", "bicubic"):
         raise ParamError("segment.interpolation: one of bilinear, nearest, bicubic")
-    from .model import model_config
+    from studylib.core.model import model_config
     m = model_config(cfg.model)
     unit = cfg.pretrain.mask_unit or m.patch_size
     if unit % m.patch_size or m.img_size % unit:

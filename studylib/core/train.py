@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .store import atomic_write_bytes, atomic_write_text
+from studylib.core.files import atomic_write_bytes, atomic_write_text
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "train_log.jsonl"
@@ -174,7 +174,7 @@ def save_encoder(path: str | Path, encoder: torch.nn.Module, meta: dict) -> None
 def load_encoder(path: str | Path):
     """Rebuild an encoder from its safetensors file (config in the metadata; nothing is unpickled)."""
 
-    from .model import ViNy, ViTConfig
+    from studylib.core.model import ViNy, ViTConfig
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder file {path} not found; run its stage first")

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTENSIONS, intel_split_dir, list_images, pets_root, read_pets_list
-from .train import progress_enabled
+from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir, list_images, pets_root, read_pets_list
+from studylib.core.train import progress_enabled
 
 EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
                      ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
