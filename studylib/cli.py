@@ -1,4 +1,5 @@
 """The `study` command: info, data synth, plan, run, results."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from pathlib import Path
 
 def cmd_info(args) -> int:
     from studylib.core.model import layer_summary
+
     print(layer_summary(args.model))
     return 0
 
@@ -15,9 +17,14 @@ def cmd_info(args) -> int:
 def cmd_data_synth(args) -> int:
     from studylib.data.sources import synth_spec
     from studylib.data.synth import write_synthetic
-    spec = synth_spec({k: v for k, v in vars(args).items()
-                       if k in ("seed", "pets", "unlabeled", "intel_train_per_class", "intel_test_per_class")
-                       and v is not None})
+
+    spec = synth_spec(
+        {
+            k: v
+            for k, v in vars(args).items()
+            if k in ("seed", "pets", "unlabeled", "intel_train_per_class", "intel_test_per_class") and v is not None
+        }
+    )
     for name, path in write_synthetic(args.root, spec, progress=True).items():
         print(f"{name}: {path}")
     return 0
@@ -27,12 +34,14 @@ def cmd_data_check(args) -> int:
     import json
 
     from studylib.data.check import check
+
     print(json.dumps(check(args.kind, args.root), indent=2))
     return 0
 
 
 def cmd_data_get(args) -> int:
     from studylib.data import download
+
     if args.kind == "pets":
         print(download.get_pets(args.root))
     else:
@@ -44,13 +53,11 @@ def cmd_data_get(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from studylib.study import config, grid
-    from studylib.study.runner import is_done
+    from studylib.study import config, grid, store
+
     plan = grid.plan(config.load(args.params))
-    states = {}
+    states = store.states(plan, args.runs)
     for r in plan:
-        d = r.dir(args.runs)
-        states[r.id] = "done" if is_done(d) else ("failed" if (d / "error.json").exists() else "todo")
         print(f"{states[r.id]:7s} {r.describe()}")
     for stage in grid.STAGES:
         runs = [r for r in plan if r.stage == stage]
@@ -62,32 +69,51 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from studylib.study import config, grid, runner
+
     cfg = config.load(args.params)
     plan = grid.plan(cfg)
     device = args.device or cfg.device
-    print(f"{cfg.name}: {len(plan)} stage runs ({', '.join(f'{sum(r.stage == s for r in plan)} {s}' for s in grid.STAGES)})"
-          f" into {args.runs}/")
+    per_stage = ", ".join(f"{sum(r.stage == s for r in plan)} {s}" for s in grid.STAGES)
+    print(f"{cfg.name}: {len(plan)} stage runs ({per_stage}) into {args.runs}/")
     cache = str(Path(cfg.data.cache).resolve()) if cfg.data.cache else ""
-    summary = runner.execute(plan, args.runs, device=device, cache=cache, workers=args.workers or cfg.workers,
-                             executor=args.executor or cfg.executor, cluster=cfg.cluster,
-                             timeouts=config.to_dict(cfg.timeouts))
+    summary = runner.execute(
+        plan,
+        args.runs,
+        device=device,
+        cache=cache,
+        workers=args.workers or cfg.workers,
+        executor=args.executor or cfg.executor,
+        cluster=cfg.cluster,
+        timeouts=config.to_dict(cfg.timeouts),
+    )
     print(summary.line())
-    from studylib.analysis.results import claims_display, claims_all_arms, collect, format_tables, select
+    from studylib.analysis.claims import claims_all_arms, claims_display
+    from studylib.analysis.render import format_tables
+    from studylib.analysis.tables import collect
+    from studylib.analysis.vocabulary import select
+
     df = collect(args.runs, plan)
     print()
     print(format_tables(df))
     if len(df):
         print("\nthe paper's findings on these runs (mIoU; `study results` has the intervals and the rest):")
-        print(claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]]
-              .to_string(index=False))
+        print(
+            claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]].to_string(
+                index=False
+            )
+        )
     if not args.no_notebook:
         from studylib.study.execution import NotebookTimeout
+
         try:
             out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
             print(f"\nresults notebook: {out}")
         except NotebookTimeout as e:
-            print(f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
-                  f"`study results {args.params}` prints the same tables.", file=sys.stderr)
+            print(
+                f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
+                f"`study results {args.params}` prints the same tables.",
+                file=sys.stderr,
+            )
             return 1
     if not summary.ok:
         for rid in summary.failed:
@@ -101,16 +127,27 @@ def write_results_notebook(runs: str, params: str, name: str, cell_timeout: floa
     would show them, and widget messages are what hung batch runs under ipykernel 7)."""
     from studylib.study.execution import run_notebook
     from studylib.study.runner import NOTEBOOK_DIR
+
     out = Path(runs) / f"results-{name}.ipynb"
-    run_notebook(NOTEBOOK_DIR / "results.ipynb", out, {"runs_dir": str(Path(runs).resolve()),
-                                                      "params_file": str(Path(params).resolve()),
-                                                      "interactive": False}, cell_timeout=cell_timeout)
+    run_notebook(
+        NOTEBOOK_DIR / "results.ipynb",
+        out,
+        {"runs_dir": str(Path(runs).resolve()), "params_file": str(Path(params).resolve()), "interactive": False},
+        cell_timeout=cell_timeout,
+    )
     return out
 
 
 def cmd_results(args) -> int:
+    if args.paper:
+        from studylib.analysis.render import render_paper
+
+        print(render_paper(args.format), end="" if args.format == "text" else "\n")
+        return 0
+    from studylib.analysis.render import render
+    from studylib.analysis.tables import collect
     from studylib.study import config, grid
-    from studylib.analysis.results import collect, render
+
     plan = grid.plan(config.load(args.params)) if args.params else None
     print(render(collect(args.runs, plan), args.format))
     return 0
@@ -119,13 +156,15 @@ def cmd_results(args) -> int:
 def cmd_geometry(args) -> int:
     from studylib.analysis import encoders
     from studylib.study import config, grid
-    analysis.compute(args.runs, grid.plan(config.load(args.params)), n_images=args.images, device=args.device)
+
+    encoders.compute(args.runs, grid.plan(config.load(args.params)), n_images=args.images, device=args.device)
     return 0
 
 
 def cmd_report(args) -> int:
     from studylib.study import config, grid
     from studylib.views import report
+
     cfg = config.load(args.params)
     out = Path(args.out or Path(args.runs) / f"report-{cfg.name}.html")
     print(f"report: {report.write(args.runs, grid.plan(cfg), out, f'{cfg.name}: ViNy self-supervised learning study')}")
@@ -157,16 +196,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sha256", help="intel: the archive's SHA-256")
     s.set_defaults(fn=cmd_data_get)
 
-    for name, fn, text in (("plan", cmd_plan, "list the runs of a study and their state"),
-                           ("run", cmd_run, "run every unfinished stage run of a study")):
+    for name, fn, text in (
+        ("plan", cmd_plan, "list the runs of a study and their state"),
+        ("run", cmd_run, "run every unfinished stage run of a study"),
+    ):
         s = sub.add_parser(name, help=text)
         s.add_argument("params", help="parameter file, e.g. params/demo.yaml")
         s.add_argument("--runs", default="runs", help="run store (default: runs/)")
         if name == "run":
             s.add_argument("--device", choices=["auto", "cpu", "cuda"])
             s.add_argument("--workers", type=int, help="stage runs at once (default: the file's `workers`)")
-            s.add_argument("--executor", choices=["local", "slurm", "submitit-local"],
-                           help="where runs execute (default: the file's `executor`)")
+            s.add_argument(
+                "--executor",
+                choices=["local", "slurm", "submitit-local"],
+                help="where runs execute (default: the file's `executor`)",
+            )
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
         s.set_defaults(fn=fn)
 
@@ -187,13 +231,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("params", nargs="?", help="only the runs of this parameter file")
     s.add_argument("--runs", default="runs")
     s.add_argument("--format", choices=["text", "markdown", "csv", "json"], default="text")
+    s.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's findings tested on the paper's own table, every part with its numbers "
+        "(needs no runs; params and --runs are ignored)",
+    )
     s.set_defaults(fn=cmd_results)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from studylib.study.config import ParamError
     from studylib.data.readers import DataError
+    from studylib.study.config import ParamError
+
     args = parser().parse_args(argv)
     try:
         return args.fn(args)

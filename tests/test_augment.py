@@ -1,5 +1,6 @@
 """Batched augmentation: identity and flip through the affine grid, crops, crop statistics, contrast,
 ImageNet normalisation and MixUp."""
+
 from __future__ import annotations
 
 import math
@@ -28,6 +29,7 @@ def labels():
 
 
 # ------------------------------------------------------------------------------------------ geometry
+
 
 def test_full_boxes_without_flip_are_the_identity(images, labels):
     grid = A.affine_grid(A.full_boxes(3), torch.zeros(3, dtype=torch.bool), 16, "cpu")
@@ -83,6 +85,7 @@ def test_affine_grid_places_a_quadrant_crop():
 
 # ------------------------------------------------------------------------------------------ crop boxes
 
+
 def test_random_resized_crop_boxes_statistics():
     n = 10_000
     b = A.random_resized_crop_boxes(n, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), g=_gen(5))
@@ -114,7 +117,7 @@ def test_random_resized_crop_boxes_unclipped_distribution():
     a = math.log(4 / 3)
     assert (log_r.abs() <= a + 1e-5).all()
     assert abs(log_r.mean().item()) < 0.01
-    assert log_r.var().item() == pytest.approx(a ** 2 / 3, rel=0.05)      # variance of U(-a, a)
+    assert log_r.var().item() == pytest.approx(a**2 / 3, rel=0.05)  # variance of U(-a, a)
     hist = torch.histc(log_r, bins=4, min=-a, max=a) / len(log_r)
     assert (hist - 0.25).abs().max() < 0.02
 
@@ -136,6 +139,7 @@ def test_random_flips_rate_and_determinism():
 
 # ------------------------------------------------------------------------------------------ photometric
 
+
 def test_contrast_factor_one_is_identity(images):
     out = A.adjust_contrast(images.clone(), torch.ones(3))
     torch.testing.assert_close(out, images, rtol=0, atol=1e-6)
@@ -146,11 +150,11 @@ def test_contrast_factor_zero_gives_the_grayscale_mean(images):
     gray = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
     means = gray.mean(dim=(1, 2))
     torch.testing.assert_close(out, means.view(3, 1, 1, 1).expand_as(images), rtol=0, atol=1e-6)
-    assert len(set(round(v, 6) for v in means.tolist())) == 3      # per image, not per batch
+    assert len(set(round(v, 6) for v in means.tolist())) == 3  # per image, not per batch
 
 
 def test_contrast_blends_and_clamps():
-    x = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()    # gray mean 0.5
+    x = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2).contiguous()  # gray mean 0.5
     out = A.adjust_contrast(x.clone(), torch.tensor([1.5]))
     torch.testing.assert_close(out[0, :, 0], torch.tensor([[0.0, 1.0]] * 3))
     out = A.adjust_contrast(x.clone(), torch.tensor([0.5]))
@@ -182,6 +186,7 @@ def test_to_float_scales_uint8():
 
 # ------------------------------------------------------------------------------------------ mixup
 
+
 def test_mixup_soft_targets_and_determinism():
     x = torch.rand(8, 3, 4, 4, generator=_gen(0))
     y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
@@ -193,7 +198,7 @@ def test_mixup_soft_targets_and_determinism():
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
     xm3, _ = A.mixup(x, y, 6, 0.4, _gen(12))
     assert not torch.equal(xm, xm3)
-    assert not torch.equal(xm, x)         # something was actually mixed
+    assert not torch.equal(xm, x)  # something was actually mixed
 
 
 def test_mixup_mixes_images_and_targets_consistently():

@@ -1,4 +1,5 @@
 """Dataset readers on tiny hand-made folders in the official layouts, and the decoded-image cache."""
+
 from __future__ import annotations
 
 import os
@@ -9,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from studylib.data.readers import readers as D
+from studylib.data import readers as D
 from studylib.data.readers import DataError
 
-S = 8          # study resolution used throughout (sources are 16 px)
+S = 8  # study resolution used throughout (sources are 16 px)
 
 
 def _solid(color, size: int = 16) -> Image.Image:
@@ -30,8 +31,8 @@ def _save(img: Image.Image, path: Path, fmt: str) -> Path:
 # name, class id (1..37), encoding, colour; the first three are trainval, the last two test
 PETS = [
     ("Abyssinian_1", 1, "JPEG", (200, 40, 40)),
-    ("Bengal_2", 6, "PNG", (40, 200, 40)),          # PNG bytes under a .jpg name
-    ("beagle_3", 13, "GIF", (40, 40, 200)),         # GIF bytes under a .jpg name
+    ("Bengal_2", 6, "PNG", (40, 200, 40)),  # PNG bytes under a .jpg name
+    ("beagle_3", 13, "GIF", (40, 40, 200)),  # GIF bytes under a .jpg name
     ("boxer_4", 14, "JPEG", (120, 120, 120)),
     ("Persian_5", 24, "PNG", (250, 250, 10)),
 ]
@@ -156,7 +157,7 @@ def test_load_intel_layouts_and_sorted_classes(tmp_path, kaggle):
     root = tmp_path / "intel"
     base = root / "seg_train" / "seg_train" if kaggle else root / "seg_train"
     counts = {"street": 2, "buildings": 1, "forest": 3}
-    for cls in ("street", "buildings", "forest"):                 # created out of order on purpose
+    for cls in ("street", "buildings", "forest"):  # created out of order on purpose
         for i in range(counts[cls]):
             _save(_solid(INTEL[cls]), base / cls / f"{i}.jpg", "PNG")
     (base / "forest" / "notes.txt").write_text("not an image")
@@ -177,8 +178,14 @@ def test_intel_missing_split(tmp_path):
 # ------------------------------------------------------------------------------------------ unlabeled images
 
 # file (relative), encoding, grey level: upper/mixed-case extensions, nesting, and non-image files
-UNLABELED = [("n01/a.JPEG", "PNG", 10), ("n01/b.jpeg", "PNG", 40), ("n02/deep/c.png", "PNG", 70),
-             ("d.PNG", "PNG", 100), ("n03/e.Jpg", "PNG", 130), ("n03/f.bmp", "BMP", 160)]
+UNLABELED = [
+    ("n01/a.JPEG", "PNG", 10),
+    ("n01/b.jpeg", "PNG", 40),
+    ("n02/deep/c.png", "PNG", 70),
+    ("d.PNG", "PNG", 100),
+    ("n03/e.Jpg", "PNG", 130),
+    ("n03/f.bmp", "BMP", 160),
+]
 
 
 @pytest.fixture
@@ -248,6 +255,7 @@ def test_unreadable_image_names_the_file(folder, tmp_path):
 
 # ------------------------------------------------------------------------------------------ the cache
 
+
 @pytest.fixture
 def counted(monkeypatch):
     calls = {"image": 0, "trimap": 0}
@@ -314,3 +322,23 @@ def test_pets_cache_is_reused(pets, tmp_path, counted):
     # the interpolation is part of the key for images, not for trimaps
     D.load_pets(pets, "trainval", S, interpolation="nearest", cache_dir=cache)
     assert counted == {"image": 6, "trimap": 3}
+
+
+# ------------------------------------------------------------------------------------------ where data goes
+
+
+def test_synthetic_data_goes_into_the_data_sections_cache(tmp_path, monkeypatch):
+    from studylib.data.sources import default_cache_dir, default_synth_root, resolve_data, synth_spec
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STUDYLIB_CACHE", str(tmp_path / "env"))  # not a way to pass the cache (any more)
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "studylib"
+    synth = {"pets": 6, "unlabeled": 0, "intel_train_per_class": 0, "intel_test_per_class": 0}
+    store = tmp_path / "runs" / "cache"
+    paths = resolve_data({"synth": synth, "cache": str(store)})
+    root = default_synth_root(synth_spec(synth), store)
+    assert paths.cache == store and root.parent == store and root.name.startswith("synth-")
+    assert paths.pets == root / "pets" and len(list((root / "pets" / "images").glob("*.jpg"))) == 6
+    assert not (tmp_path / "env").exists() and not (tmp_path / "home").exists()
+    # without a cache in the data section: the user's cache
+    assert default_synth_root(synth_spec(synth)).parent == default_cache_dir()

@@ -1,5 +1,6 @@
 """Notebook executions always end: a kernel that never answers is killed and reported within the
 time limit, and the run it served is recorded failed with the reason."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
 
 # the kernel writes its pid, then stops itself: alive, silent, deaf to interrupts
-STOP_KERNEL = ("import os, signal\nopen(pid_file, 'w').write(str(os.getpid()))\n"
-               "os.kill(os.getpid(), signal.SIGSTOP)")
+STOP_KERNEL = "import os, signal\nopen(pid_file, 'w').write(str(os.getpid()))\nos.kill(os.getpid(), signal.SIGSTOP)"
 
 
 def _stopping_notebook(path: Path, extra_parameters: str = "") -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("pid_file = ''\n" + extra_parameters, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(STOP_KERNEL, metadata={"tags": ["training"]})]
+    nb.cells = [
+        nbformat.v4.new_code_cell("pid_file = ''\n" + extra_parameters, metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(STOP_KERNEL, metadata={"tags": ["training"]}),
+    ]
     nbformat.write(nb, path)
     return path
 
@@ -39,9 +41,8 @@ def test_a_kernel_that_never_answers_is_killed_and_reported(tmp_path):
     source, pid_file = _stopping_notebook(tmp_path / "stop.ipynb"), tmp_path / "pid"
     t0 = time.time()
     with pytest.raises(NotebookTimeout, match=r"did not finish within 4 s, so its kernel was killed"):
-        run_notebook(source, tmp_path / "out.ipynb", {"pid_file": str(pid_file)}, cell_timeout=30,
-                     training_timeout=4)
-    assert time.time() - t0 < 4 + 30            # the limit, plus the kernel's start-up
+        run_notebook(source, tmp_path / "out.ipynb", {"pid_file": str(pid_file)}, cell_timeout=30, training_timeout=4)
+    assert time.time() - t0 < 4 + 30  # the limit, plus the kernel's start-up
     assert _kernel_gone(pid_file)
 
 
@@ -59,8 +60,14 @@ def test_a_hung_stage_run_is_recorded_failed_with_the_reason(tmp_path):
     # the stopping notebook reads pid_file from its parameters: route it through the run's params
     run.params["pid_file"] = str(pid_file)
     t0 = time.time()
-    summary = runner.execute([run], tmp_path / "runs", device="cpu", notebooks=notebooks, echo=lambda *_: None,
-                             timeouts={"cell": 30, "training": 4})
+    summary = runner.execute(
+        [run],
+        tmp_path / "runs",
+        device="cpu",
+        notebooks=notebooks,
+        echo=lambda *_: None,
+        timeouts={"cell": 30, "training": 4},
+    )
     assert time.time() - t0 < 4 + 30
     assert summary.failed == [run.id] and not summary.ok
     error = json.loads((run.dir(tmp_path / "runs") / "error.json").read_text())

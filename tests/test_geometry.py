@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
+from studylib.analysis import geometry, probes, reference, tokens
 from studylib.core import augment as A
-from studylib.analysis.encoders import geometry as G
 from studylib.core.model import build_encoder
+from studylib.data.splits import patch_labels
 
 
 def gen(seed=0):
@@ -29,29 +30,29 @@ def test_variances_identical_tokens_within_image():
     # across = (8/3 + 32/3) / 2 = 20/3 ; within = 0
     v = torch.tensor([[0.0, 0.0], [2.0, 4.0], [4.0, 8.0]])
     T = v[:, None, :].expand(3, 5, 2)
-    assert G.within_image_variance(T) == pytest.approx(0.0, abs=1e-12)
-    assert G.across_image_variance(T) == pytest.approx(20 / 3, rel=1e-9)
+    assert tokens.within_image_variance(T) == pytest.approx(0.0, abs=1e-12)
+    assert tokens.across_image_variance(T) == pytest.approx(20 / 3, rel=1e-9)
 
 
 def test_variances_population_not_sample():
     # one image, one dim, tokens 0 and 2: population variance 1 (the sample variance would be 2)
     T = torch.tensor([[[0.0], [2.0]]])
-    assert G.within_image_variance(T) == pytest.approx(1.0)
+    assert tokens.within_image_variance(T) == pytest.approx(1.0)
 
 
 def test_variances_iid_gaussian_tokens():
     # i.i.d. N(0, s^2): within -> s^2 (P-1)/P (ddof 0), across -> s^2 / P (variance of a mean of P draws)
     s, N, P, D = 2.0, 400, 64, 32
     T = s * torch.randn(N, P, D, generator=gen(1))
-    assert G.within_image_variance(T) == pytest.approx(s**2 * (P - 1) / P, rel=0.03)
-    assert G.across_image_variance(T) == pytest.approx(s**2 / P, rel=0.1)
+    assert tokens.within_image_variance(T) == pytest.approx(s**2 * (P - 1) / P, rel=0.03)
+    assert tokens.across_image_variance(T) == pytest.approx(s**2 / P, rel=0.1)
 
 
 # --------------------------------------------------------------------------------- cosine vs distance
 def smooth_tokens(grid, a, N=3):
     rc = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).reshape(-1, 2)
     r, c = rc[:, 0].double() * a, rc[:, 1].double() * a
-    t = torch.stack([torch.cos(r), torch.sin(r), torch.cos(c), torch.sin(c)], -1)       # [P, 4]
+    t = torch.stack([torch.cos(r), torch.sin(r), torch.cos(c), torch.sin(c)], -1)  # [P, 4]
     # a different rotation per image: cosines are unchanged, so the curve must not move
     Qs = [orthonormal(4, 4, seed) for seed in range(N)]
     return torch.stack([t @ Q for Q in Qs])
@@ -60,7 +61,7 @@ def smooth_tokens(grid, a, N=3):
 def test_cosine_smooth_tokens_known_curve_and_monotone():
     grid, a = 8, 0.2
     T = smooth_tokens(grid, a)
-    curve = G.cosine_by_distance(T, grid)
+    curve = tokens.cosine_by_distance(T, grid)
     assert sorted(curve) == list(range(1, 2 * (grid - 1) + 1))
     # brute force: cos(t_p, t_q) = (cos(a dr) + cos(a dc)) / 2 (both halves have norm 1, total norm sqrt 2)
     sums, counts = {}, {}
@@ -79,16 +80,16 @@ def test_cosine_smooth_tokens_known_curve_and_monotone():
 
 def test_cosine_constant_tokens_and_length():
     T = torch.randn(1, 1, 16, generator=gen(2)).expand(4, 36, 16)
-    curve = G.cosine_by_distance(T, 6)
+    curve = tokens.cosine_by_distance(T, 6)
     assert len(curve) == 10
     assert all(v == pytest.approx(1.0, abs=1e-9) for v in curve.values())
-    assert len(G.cosine_by_distance(torch.randn(2, 64, 8), 8)) == 14
+    assert len(tokens.cosine_by_distance(torch.randn(2, 64, 8), 8)) == 14
 
 
 def test_manhattan_distances_small_grid():
     # 2x2 grid: patches 0 (0,0) 1 (0,1) 2 (1,0) 3 (1,1)
-    assert G.manhattan_distances(2).tolist() == [[0, 1, 1, 2], [1, 0, 2, 1], [1, 2, 0, 1], [2, 1, 1, 0]]
-    assert G.chessboard_distances(2).tolist() == [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]]
+    assert tokens.manhattan_distances(2).tolist() == [[0, 1, 1, 2], [1, 0, 2, 1], [1, 2, 0, 1], [2, 1, 1, 0]]
+    assert tokens.chessboard_distances(2).tolist() == [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]]
 
 
 # -------------------------------------------------------------------------------------- patch labels
@@ -98,33 +99,30 @@ def test_patch_labels_hand_mask_with_ties():
     # patch 1 (top-right) 1 1 / 2 2 -> tie 1-2 -> 1 (lowest id)
     # patch 2 (bot-left)  2 2 / 2 0 -> 2
     # patch 3 (bot-right) 0 1 / 1 0 -> tie 0-1 -> 0
-    m = torch.tensor([[0, 0, 1, 1],
-                      [1, 2, 2, 2],
-                      [2, 2, 0, 1],
-                      [2, 0, 1, 0]])
-    out = G.patch_labels(m[None], 2)
+    m = torch.tensor([[0, 0, 1, 1], [1, 2, 2, 2], [2, 2, 0, 1], [2, 0, 1, 0]])
+    out = patch_labels(m[None], 2)
     assert out.tolist() == [[0, 1, 2, 0]]
     assert out.dtype == torch.long
     # one 2x2 patch per mask: 0 1 / 2 2 -> 2 (two votes) ; 1 2 / 1 2 -> tie 1-2 -> 1
     m2 = torch.tensor([[[0, 1], [2, 2]], [[1, 2], [1, 2]]])
-    assert G.patch_labels(m2, 1).tolist() == [[2], [1]]
+    assert patch_labels(m2, 1).tolist() == [[2], [1]]
 
 
 def test_patch_labels_uint8_and_shape():
     m = torch.randint(0, 3, (5, 64, 64), generator=gen(3)).to(torch.uint8)
-    out = G.patch_labels(m, 8)
+    out = patch_labels(m, 8)
     assert out.shape == (5, 64)
     # patch (r, c) covers pixels 8r..8r+7, 8c..8c+7
     block = m[2, 16:24, 40:48].flatten().long()
     counts = torch.bincount(block, minlength=3)
     assert out[2, 2 * 8 + 5] == int(counts.argmax())
     with pytest.raises(ValueError):
-        G.patch_labels(m[:, :63], 8)
+        patch_labels(m[:, :63], 8)
 
 
 def square_pet(rows, cols, grid=8):
-    lab = torch.full((grid, grid), G.BACKGROUND)
-    lab[rows[0]:rows[1] + 1, cols[0]:cols[1] + 1] = G.PET
+    lab = torch.full((grid, grid), tokens.BACKGROUND)
+    lab[rows[0] : rows[1] + 1, cols[0] : cols[1] + 1] = tokens.PET
     return lab
 
 
@@ -132,7 +130,7 @@ def test_pick_reference_patches_square_pet():
     # 5x5 pet at rows 1..5, cols 2..6: its centre (3, 4) -> index 28 is 3 steps from the background
     lab = square_pet((1, 5), (2, 6))
     for metric in ("chessboard", "manhattan"):
-        refs = G.pick_reference_patches(lab.flatten(), 8, metric=metric)
+        refs = tokens.pick_reference_patches(lab.flatten(), 8, metric=metric)
         assert refs["pet"] == 28
     assert refs["background"] == 0 and refs["rules"]["background"] == "corner"
     # no boundary-majority patch: first pet patch next to background, (1, 2) -> 10
@@ -141,25 +139,25 @@ def test_pick_reference_patches_square_pet():
 
 def test_pick_reference_patches_corner_and_boundary_rules():
     lab = square_pet((1, 5), (2, 6))
-    lab[0, 0] = G.PET                 # top-left corner is pet -> the top-right corner (index 7) is chosen
-    lab[6, 4] = G.BOUNDARY            # a boundary-majority patch -> index 52
-    refs = G.pick_reference_patches(lab.flatten(), 8)
+    lab[0, 0] = tokens.PET  # top-left corner is pet -> the top-right corner (index 7) is chosen
+    lab[6, 4] = tokens.BOUNDARY  # a boundary-majority patch -> index 52
+    refs = tokens.pick_reference_patches(lab.flatten(), 8)
     assert refs["background"] == 7 and refs["boundary"] == 52 and refs["rules"]["boundary"] == "majority"
     # no background corner at all: the first background patch in row-major order
-    lab2 = torch.full((8, 8), G.PET)
-    lab2[3, 5] = G.BACKGROUND
-    refs2 = G.pick_reference_patches(lab2.flatten(), 8)
+    lab2 = torch.full((8, 8), tokens.PET)
+    lab2[3, 5] = tokens.BACKGROUND
+    refs2 = tokens.pick_reference_patches(lab2.flatten(), 8)
     assert refs2["background"] == 29 and refs2["rules"]["background"] == "first"
     # a pet with no pet patches: None
-    assert G.pick_reference_patches(torch.full((64,), G.BACKGROUND), 8)["pet"] is None
+    assert tokens.pick_reference_patches(torch.full((64,), tokens.BACKGROUND), 8)["pet"] is None
 
 
 def test_reference_similarity():
     T = torch.zeros(16, 3)
     T[:, 0] = 1.0
-    T[5] = torch.tensor([0.0, 1.0, 0.0])     # orthogonal to the others
-    T[6] = torch.tensor([-2.0, 0.0, 0.0])    # opposite
-    m = G.reference_similarity(T, 0)
+    T[5] = torch.tensor([0.0, 1.0, 0.0])  # orthogonal to the others
+    T[6] = torch.tensor([-2.0, 0.0, 0.0])  # opposite
+    m = tokens.reference_similarity(T, 0)
     assert m.shape == (4, 4)
     assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(0.0) and m[1, 2] == pytest.approx(-1.0)
     assert m[3, 3] == pytest.approx(1.0)
@@ -167,11 +165,11 @@ def test_reference_similarity():
 
 # ------------------------------------------------------------------------------------- linear probes
 def test_split_images_disjoint_and_seeded():
-    tr, te = G.split_images(10, 0.5, seed=3)
+    tr, te = probes.split_images(10, 0.5, seed=3)
     assert len(tr) == 5 and len(te) == 5
     assert sorted(tr.tolist() + te.tolist()) == list(range(10))
-    assert G.split_images(10, 0.5, seed=3)[0].tolist() == tr.tolist()
-    assert G.split_images(10, 0.5, seed=4)[0].tolist() != tr.tolist()
+    assert probes.split_images(10, 0.5, seed=3)[0].tolist() == tr.tolist()
+    assert probes.split_images(10, 0.5, seed=4)[0].tolist() != tr.tolist()
 
 
 def test_linear_probe_separable():
@@ -179,7 +177,7 @@ def test_linear_probe_separable():
     y = torch.randint(0, 3, (N, P), generator=gen(4))
     centres = 3 * torch.eye(3, D)
     T = centres[y] + 0.3 * torch.randn(N, P, D, generator=gen(5))
-    out = G.linear_probe(T, y, 3)
+    out = probes.linear_probe(T, y, 3)
     assert out["heldout_accuracy"] > 0.98 and out["heldout_balanced_accuracy"] > 0.98
     assert out["train_accuracy"] > 0.95
     assert out["train_images"] == 32 and out["heldout_images"] == 32
@@ -190,7 +188,7 @@ def test_linear_probe_random_labels_near_chance():
     N, P, D = 64, 16, 8
     T = torch.randn(N, P, D, generator=gen(6))
     y = torch.randint(0, 3, (N, P), generator=gen(7))
-    out = G.linear_probe(T, y, 3)
+    out = probes.linear_probe(T, y, 3)
     assert abs(out["heldout_accuracy"] - 1 / 3) < 0.07
 
 
@@ -202,7 +200,7 @@ def test_linear_probe_splits_images_not_patches():
     v = torch.randn(N, 1, D, generator=gen(8))
     T = v + 0.01 * torch.randn(N, P, D, generator=gen(9))
     y = torch.randint(0, 3, (N, 1), generator=gen(10)).expand(N, P)
-    out = G.linear_probe(T, y, 3, epochs=200)
+    out = probes.linear_probe(T, y, 3, epochs=200)
     assert out["final_train_accuracy"] > 0.95
     assert out["heldout_accuracy"] < 0.6
 
@@ -212,10 +210,10 @@ def test_balanced_accuracy_hand_checked():
     # recall 0 = 8/8 = 1, recall 1 = 1/2 -> balanced (1 + 0.5) / 2 = 0.75; plain accuracy 9/10
     target = torch.tensor([0] * 8 + [1, 1])
     pred = torch.tensor([0] * 8 + [1, 0])
-    bal, recall = G.balanced_accuracy(pred, target, 3)
+    bal, recall = probes.balanced_accuracy(pred, target, 3)
     assert bal == pytest.approx(0.75) and recall == [1.0, 0.5, None]
     # all-majority prediction: accuracy 0.8 but balanced 0.5
-    assert G.balanced_accuracy(torch.zeros(10, dtype=torch.long), target, 3)[0] == pytest.approx(0.5)
+    assert probes.balanced_accuracy(torch.zeros(10, dtype=torch.long), target, 3)[0] == pytest.approx(0.5)
 
 
 def test_linear_probe_imbalanced_uninformative():
@@ -223,7 +221,7 @@ def test_linear_probe_imbalanced_uninformative():
     N, P, D = 64, 16, 8
     T = torch.randn(N, P, D, generator=gen(11))
     y = (torch.rand(N, P, generator=gen(12)) < 0.1).long()
-    out = G.linear_probe(T, y, 3)
+    out = probes.linear_probe(T, y, 3)
     present = [r for r in out["heldout_recall"] if r is not None]
     assert out["heldout_recall"][2] is None
     assert out["heldout_balanced_accuracy"] == pytest.approx(sum(present) / len(present))
@@ -234,16 +232,16 @@ def test_linear_probe_imbalanced_uninformative():
 def test_position_probe_one_hot_positions():
     N, P = 40, 64
     T = torch.eye(P).expand(N, P, P) + 0.05 * torch.randn(N, P, P, generator=gen(13))
-    out = G.position_probe(T, 8)
+    out = probes.position_probe(T, 8)
     assert out["heldout_accuracy"] > 0.99 and out["mean_manhattan_error"] < 0.02
     assert out["chance"] == pytest.approx(1 / 64)
-    assert out["chance_manhattan_error"] == pytest.approx(2 * (64 - 1) / (3 * 8))     # 5.25
+    assert out["chance_manhattan_error"] == pytest.approx(2 * (64 - 1) / (3 * 8))  # 5.25
 
 
 def test_position_probe_no_positional_information():
     N, P, D = 40, 64, 16
     T = torch.randn(N, P, D, generator=gen(14))
-    out = G.position_probe(T, 8)
+    out = probes.position_probe(T, 8)
     assert out["heldout_accuracy"] < 3 / P
     assert out["mean_manhattan_error"] == pytest.approx(out["chance_manhattan_error"], abs=0.6)
 
@@ -251,28 +249,28 @@ def test_position_probe_no_positional_information():
 # ------------------------------------------------------------------------------------ effective rank
 def test_effective_rank_equal_singular_values_is_exact():
     k, M, D = 5, 200, 32
-    X = orthonormal(M, k, 15) @ orthonormal(D, k, 16).T * 3.0         # k singular values, all 3
-    assert G.effective_rank(X) == pytest.approx(k, abs=1e-4)
+    X = orthonormal(M, k, 15) @ orthonormal(D, k, 16).T * 3.0  # k singular values, all 3
+    assert probes.effective_rank(X) == pytest.approx(k, abs=1e-4)
     # the Gram-matrix path for tall matrices gives the same answer
     Xt = orthonormal(40000, k, 17) @ orthonormal(128, k, 18).T
-    assert G.effective_rank(Xt) == pytest.approx(k, abs=1e-3)
+    assert probes.effective_rank(Xt) == pytest.approx(k, abs=1e-3)
 
 
 def test_effective_rank_random_rank_k_and_identity():
     k, M, D = 6, 2000, 64
     X = torch.randn(M, k, generator=gen(19)) @ torch.randn(k, D, generator=gen(20))
-    assert k - 1 < G.effective_rank(X) < k + 0.5
-    assert G.effective_rank(torch.eye(16)) == pytest.approx(16, abs=1e-6)
+    assert k - 1 < probes.effective_rank(X) < k + 0.5
+    assert probes.effective_rank(torch.eye(16)) == pytest.approx(16, abs=1e-6)
     # one dominant direction: close to 1
-    assert G.effective_rank(torch.outer(torch.ones(100), torch.arange(1.0, 9.0))) == pytest.approx(1, abs=1e-3)
+    assert probes.effective_rank(torch.outer(torch.ones(100), torch.arange(1.0, 9.0))) == pytest.approx(1, abs=1e-3)
 
 
 def test_token_effective_rank_subsample_is_seeded():
     T = torch.randn(50, 16, 12, generator=gen(21))
-    a = G.token_effective_rank(T, max_tokens=100, seed=1)
-    assert a == G.token_effective_rank(T, max_tokens=100, seed=1)
-    assert a != G.token_effective_rank(T, max_tokens=100, seed=2)
-    assert 10 < G.token_effective_rank(T) <= 12
+    a = probes.token_effective_rank(T, max_tokens=100, seed=1)
+    assert a == probes.token_effective_rank(T, max_tokens=100, seed=1)
+    assert a != probes.token_effective_rank(T, max_tokens=100, seed=2)
+    assert 10 < probes.token_effective_rank(T) <= 12
 
 
 # ---------------------------------------------------------------------------------------------- CKA
@@ -280,8 +278,8 @@ def test_cka_invariances():
     X = torch.randn(2048, 32, generator=gen(22), dtype=torch.float64)
     Q = orthonormal(32, 32, 23)
     for Y in (X @ Q, 7.5 * X):
-        assert G.linear_cka(X, Y) == pytest.approx(1.0, abs=1e-9)
-        assert G.minibatch_cka(X, Y, batch_size=256) == pytest.approx(1.0, abs=1e-9)
+        assert probes.linear_cka(X, Y) == pytest.approx(1.0, abs=1e-9)
+        assert probes.minibatch_cka(X, Y, batch_size=256) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_linear_cka_matches_kernel_form():
@@ -291,27 +289,28 @@ def test_linear_cka_matches_kernel_form():
     H = torch.eye(30, dtype=torch.float64) - 1 / 30
     K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
     want = (K * L).sum() / torch.sqrt((K * K).sum() * (L * L).sum())
-    assert G.linear_cka(X, Y) == pytest.approx(float(want), rel=1e-9)
+    assert probes.linear_cka(X, Y) == pytest.approx(float(want), rel=1e-9)
 
 
 def test_unbiased_cka_of_independent_data_near_zero():
     X = torch.randn(4096, 64, generator=gen(26))
     Y = torch.randn(4096, 32, generator=gen(27))
-    assert abs(G.minibatch_cka(X, Y, batch_size=512)) < 0.1
+    assert abs(probes.minibatch_cka(X, Y, batch_size=512)) < 0.1
     # the biased estimator is far from 0 on few examples with many dims: why the unbiased one is used
-    assert G.linear_cka(X[:64], Y[:64]) > 0.3
+    assert probes.linear_cka(X[:64], Y[:64]) > 0.3
 
 
 def test_hsic_unbiased_shift_invariant_and_pairs_iterable():
     X = torch.randn(64, 6, generator=gen(28), dtype=torch.float64)
     Y = X @ torch.randn(6, 4, generator=gen(29), dtype=torch.float64) + torch.randn(64, 4, generator=gen(30))
-    h = G.hsic_unbiased(X @ X.T, Y @ Y.T)
+    h = probes.hsic_unbiased(X @ X.T, Y @ Y.T)
     Ys = Y + 5.0
-    assert G.hsic_unbiased(X @ X.T, Ys @ Ys.T) == pytest.approx(h, rel=1e-8)
+    assert probes.hsic_unbiased(X @ X.T, Ys @ Ys.T) == pytest.approx(h, rel=1e-8)
     batches = [slice(0, 32), slice(32, 64)]
-    from_pairs = G.minibatch_cka([(X[b], Y[b]) for b in batches])
-    h = [[sum(G.hsic_unbiased(A_[b] @ A_[b].T, B_[b] @ B_[b].T) for b in batches) for B_ in (X, Y)]
-         for A_ in (X, Y)]
+    from_pairs = probes.minibatch_cka([(X[b], Y[b]) for b in batches])
+    h = [
+        [sum(probes.hsic_unbiased(A_[b] @ A_[b].T, B_[b] @ B_[b].T) for b in batches) for B_ in (X, Y)] for A_ in (X, Y)
+    ]
     assert from_pairs == pytest.approx(h[0][1] / math.sqrt(h[0][0] * h[1][1]), rel=1e-9)
 
 
@@ -319,7 +318,7 @@ def test_cka_matrix_symmetric_unit_diagonal():
     X = torch.randn(512, 16, generator=gen(31))
     reps = {"a": X, "b": X @ torch.randn(16, 8, generator=gen(32)), "c": torch.randn(512, 4, generator=gen(33))}
     for method in ("minibatch", "linear"):
-        names, m = G.cka_matrix(reps, method=method, batch_size=128)
+        names, m = probes.cka_matrix(reps, method=method, batch_size=128)
         m = torch.tensor(m)
         assert names == ["a", "b", "c"] and m.shape == (3, 3)
         assert torch.allclose(m, m.T) and torch.allclose(m.diagonal(), torch.ones(3, dtype=m.dtype))
@@ -339,44 +338,57 @@ def tiny():
 def test_patch_tokens_layers(tiny):
     enc, images, _ = tiny
     enc.train()
-    tok = G.patch_tokens(enc, images, layers=[0, -1], batch_size=5)
-    assert enc.training                                   # mode restored
+    tok = tokens.patch_tokens(enc, images, layers=[0, -1], batch_size=5)
+    assert enc.training  # mode restored
     assert set(tok) == {0, -1} and tok[-1].shape == (16, 64, 64)
     x = A.normalize(A.to_float(images))
     enc.eval()
     with torch.no_grad():
         assert torch.allclose(tok[-1], enc.forward_features(x)[:, 1:], atol=1e-5)
         assert torch.allclose(tok[0], enc.forward_intermediates(x, [0], norm=False)[0], atol=1e-5)
-    assert set(G.patch_tokens(enc, images[:2])) == {0, 1, 2, 3, -1}
+    assert set(tokens.patch_tokens(enc, images[:2])) == {0, 1, 2, 3, -1}
 
 
 def test_geometry_report_tiny_encoder(tiny):
     enc, images, masks = tiny
-    r = G.geometry_report(enc, images, masks, layers=[0, -1])
-    json.dumps(r)                                         # plain Python types only
+    r = geometry.geometry_report(enc, images, masks, layers=[0, -1])
+    json.dumps(r)  # plain Python types only
     assert r["layers"] == [0, -1] and r["grid"] == 8 and r["num_images"] == 16 and r["dim"] == 64
     assert r["distances"] == list(range(1, 15))
     for row in r["per_layer"]:
-        scalars = [row["within_image_variance"], row["across_image_variance"], row["effective_rank"],
-                   row["effective_rank_centered"], *row["cosine_by_distance"],
-                   *[v for v in row["patch_probe"].values() if isinstance(v, float)],
-                   *[v for v in row["position_probe"].values() if isinstance(v, float)]]
+        scalars = [
+            row["within_image_variance"],
+            row["across_image_variance"],
+            row["effective_rank"],
+            row["effective_rank_centered"],
+            *row["cosine_by_distance"],
+            *[v for v in row["patch_probe"].values() if isinstance(v, float)],
+            *[v for v in row["position_probe"].values() if isinstance(v, float)],
+        ]
         assert all(math.isfinite(v) for v in scalars)
         assert len(row["cosine_by_distance"]) == 14
-        assert set(row["patch_probe"]) >= {"train_accuracy", "heldout_accuracy", "heldout_balanced_accuracy",
-                                           "train_counts", "heldout_counts"}
+        assert set(row["patch_probe"]) >= {
+            "train_accuracy",
+            "heldout_accuracy",
+            "heldout_balanced_accuracy",
+            "train_counts",
+            "heldout_counts",
+        }
         maps = row["reference"]["maps"]
         assert maps and all(len(m) == 8 and len(m[0]) == 8 for m in maps.values())
     m = torch.tensor(r["cka"]["matrix"])
     assert r["cka"]["names"] == ["0", "-1"] and m.shape == (2, 2) and torch.allclose(m, m.T)
-    df = G.table(r)
+    df = geometry.table(r)
     assert len(df) == 2 and list(df.index) == [0, -1]
     assert {"within_image_variance", "across_image_variance", "patch_probe_train_pct", "cos_d1"} <= set(df.columns)
 
 
 def test_paper_constants():
-    assert set(G.PAPER_TABLE2) == {"SimMIM", "+CLS Intel", "+CLS Pets", "+spatial Pets"}
-    assert G.PAPER_TABLE2["+spatial Pets"] == {"within_image_variance": 0.32, "across_image_variance": 0.06,
-                                               "patch_probe_accuracy_pct": 93.3}
-    assert all(len(v) == 9 for v in G.PAPER_COSINE.values())
-    assert G.PAPER_COSINE["SimMIM"][0] == 0.58 and G.PAPER_COSINE["+spatial Pets"][-1] == 0.63
+    assert set(reference.PAPER_TABLE2) == {"SimMIM", "+CLS Intel", "+CLS Pets", "+spatial Pets"}
+    assert reference.PAPER_TABLE2["+spatial Pets"] == {
+        "within_image_variance": 0.32,
+        "across_image_variance": 0.06,
+        "patch_probe_accuracy_pct": 93.3,
+    }
+    assert all(len(v) == 9 for v in reference.PAPER_COSINE.values())
+    assert reference.PAPER_COSINE["SimMIM"][0] == 0.58 and reference.PAPER_COSINE["+spatial Pets"][-1] == 0.63

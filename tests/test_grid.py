@@ -1,4 +1,5 @@
 """The plan: run counts, dependency order, shared intermediate runs, and content-addressed ids."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -104,16 +105,22 @@ def test_segment_setting_changes_only_segment_ids():
 def test_intermediate_setting_changes_intermediate_and_its_children():
     base, other = plan(_cfg()), plan(_cfg(intermediate={"mixup_alpha": 0.2}))
     changed = _diff(base, other)
-    expect = {_key(r) for r in base if r.stage == "intermediate" or
-              (r.stage == "segment" and r.labels["intermediate"] != "none")}
+    expect = {
+        _key(r)
+        for r in base
+        if r.stage == "intermediate" or (r.stage == "segment" and r.labels["intermediate"] != "none")
+    }
     assert changed == expect
 
 
 def test_pretrain_setting_changes_everything_downstream_of_pretraining():
     base, other = plan(_cfg()), plan(_cfg(pretrain={"mask_ratio": 0.6}))
     changed = _diff(base, other)
-    expect = {_key(r) for r in base if r.stage in ("pretrain", "intermediate") or
-              (r.stage == "segment" and r.labels["pretrain_size"] > 0)}
+    expect = {
+        _key(r)
+        for r in base
+        if r.stage in ("pretrain", "intermediate") or (r.stage == "segment" and r.labels["pretrain_size"] > 0)
+    }
     assert changed == expect
     unchanged_segments = [r for r in base if r.stage == "segment" and _key(r) not in changed]
     assert len(unchanged_segments) == 4 and all(r.labels["pretrain_size"] == 0 for r in unchanged_segments)
@@ -130,15 +137,24 @@ def test_data_and_model_change_all_ids():
 
 
 def test_a_larger_grid_keeps_the_ids_of_the_smaller_one():
-    small = C.resolve({"grid": {"pretrain_sizes": [0, 10], "intermediate": [False], "finetune_sizes": [4],
-                                "seeds": [0]}})
+    small = C.resolve(
+        {"grid": {"pretrain_sizes": [0, 10], "intermediate": [False], "finetune_sizes": [4], "seeds": [0]}}
+    )
     big_ids = {r.id for r in plan(_cfg())}
     assert {r.id for r in plan(small)} <= big_ids
 
 
 def test_every_intermediate_arm_gets_its_own_runs_and_pets_arms_know_the_split():
-    cfg = C.resolve({"model": "viny-tiny", "grid": {"pretrain_sizes": [0, 10],
-                     "intermediate": ["none", "intel", "pets-breeds", "spatial"], "finetune_sizes": [4, 8]}})
+    cfg = C.resolve(
+        {
+            "model": "viny-tiny",
+            "grid": {
+                "pretrain_sizes": [0, 10],
+                "intermediate": ["none", "intel", "pets-breeds", "spatial"],
+                "finetune_sizes": [4, 8],
+            },
+        }
+    )
     runs = plan(cfg)
     inter = {r.params["arm"]: r for r in runs if r.stage == "intermediate"}
     assert set(inter) == {"intel", "pets-breeds", "spatial"}

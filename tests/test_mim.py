@@ -1,4 +1,5 @@
 """Masking and the MIM loss: exact masked counts, unit blocks, seeding, and hand-computed losses."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,6 +17,7 @@ def _gen(seed: int) -> torch.Generator:
 
 # ------------------------------------------------------------------------------------------ masks
 
+
 def test_unit1_masks_exactly_half_of_the_patches():
     m = random_masks(16, 8, 1, 0.5, _gen(0))
     assert m.shape == (16, 64) and m.dtype == torch.bool
@@ -26,7 +28,7 @@ def test_unit2_canonical_simmim_masks_ten_of_sixteen_units():
     # 32 px units at 16 px patches: a 4x4 grid of 2x2-patch units, round(0.6 * 16) = 10 masked -> 40 patches
     m = random_masks(12, 8, 2, 0.6, _gen(1))
     assert m.sum(dim=1).tolist() == [40] * 12
-    blocks = m.view(12, 4, 2, 4, 2)                           # [B, unit row, r, unit col, c]
+    blocks = m.view(12, 4, 2, 4, 2)  # [B, unit row, r, unit col, c]
     first = blocks[:, :, :1, :, :1]
     assert torch.equal(blocks, first.expand_as(blocks)), "a 2x2 unit is not masked as a whole"
     assert (blocks[:, :, 0, :, 0].sum(dim=(1, 2)) == 10).all()
@@ -60,6 +62,7 @@ def test_unit_must_tile_the_grid(grid, unit):
 
 # ------------------------------------------------------------------------------------------ loss
 
+
 def _tiny_case():
     """1 image, 3 channels, 4x4 pixels, patch 2: 4 patches of 12 values."""
     imgs = torch.zeros(1, 3, 4, 4)
@@ -79,22 +82,22 @@ def test_perfect_prediction_has_zero_loss():
 
 def test_loss_by_hand_counts_only_masked_patches():
     imgs, pred, mask = _tiny_case()
-    pred[0, 0] = 1.0                  # masked: error 1 on each of its 12 values
-    pred[0, 2, :6] = 2.0              # masked: error 2 on half its values -> mean 1
+    pred[0, 0] = 1.0  # masked: error 1 on each of its 12 values
+    pred[0, 2, :6] = 2.0  # masked: error 2 on half its values -> mean 1
     base = mim_loss(pred, imgs, mask, 2)
     assert base.item() == pytest.approx((1.0 + 1.0) / 2)
-    pred[0, 1] = 100.0                # unmasked patches do not count
+    pred[0, 1] = 100.0  # unmasked patches do not count
     pred[0, 3, 0] = -7.0
     assert mim_loss(pred, imgs, mask, 2).item() == pytest.approx(base.item())
 
 
 def test_loss_by_hand_with_nonzero_target():
     imgs = torch.zeros(1, 3, 4, 4)
-    imgs[0, :, 2:, 2:] = 0.5          # bottom-right cell = patch 3
+    imgs[0, :, 2:, 2:] = 0.5  # bottom-right cell = patch 3
     pred = torch.zeros(1, 4, 12)
     mask = torch.tensor([[False, False, False, True]])
     assert mim_loss(pred, imgs, mask, 2).item() == pytest.approx(0.5)
-    mask = torch.tensor([[True, False, False, False]])    # top-left cell is zero: perfect
+    mask = torch.tensor([[True, False, False, False]])  # top-left cell is zero: perfect
     assert mim_loss(pred, imgs, mask, 2).item() == 0.0
 
 
@@ -104,11 +107,11 @@ def test_per_masked_count_divides_by_the_masked_count_per_image():
     pred[0, 0] = 1.0
     pred[0, 3] = 3.0
     pred[1, 1] = 2.0
-    mask = torch.tensor([[True, False, False, True], [False, True, True, False]])   # 2 masked in each
+    mask = torch.tensor([[True, False, False, True], [False, True, True, False]])  # 2 masked in each
     plain = mim_loss(pred, imgs, mask, 2)
     assert plain.item() == pytest.approx((1 + 3 + 2 + 0) / 4)
     quirk = mim_loss(pred, imgs, mask, 2, per_masked_count=True)
-    assert quirk.item() == pytest.approx(plain.item() / 2)      # per image (2), not the batch total (4)
+    assert quirk.item() == pytest.approx(plain.item() / 2)  # per image (2), not the batch total (4)
 
 
 def test_loss_has_gradient_only_on_masked_predictions():

@@ -1,12 +1,34 @@
-"""ViNy: the paper's parameter count piece by piece, head shapes, pixel layout and the mask token."""
+"""ViNy: the paper's parameter count piece by piece, head shapes, pixel layout, the mask token, encoder files,
+and the public API at the package's top."""
+
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from studylib.core.model import (MODELS, VINY_PARAMS, Classifier, MaskedImageModel, PatchClassifier, Segmenter,
-                            build_encoder, count_params, layer_summary, model_config, patchify, unpatchify)
+from studylib.core.model import (
+    MODELS,
+    VINY_PARAMS,
+    Classifier,
+    MaskedImageModel,
+    PatchClassifier,
+    Segmenter,
+    build_encoder,
+    count_params,
+    layer_summary,
+    load_encoder,
+    model_config,
+    patchify,
+    save_encoder,
+    unpatchify,
+)
 
 torch.set_num_threads(2)
 
@@ -25,13 +47,14 @@ def tiny():
 
 # ------------------------------------------------------------------------------------------ parameter count
 
+
 def test_viny_has_the_papers_parameter_count(viny):
     assert count_params(viny) == 4_842_880
     assert VINY_PARAMS == 4_842_880
 
 
 def test_viny_pieces_add_up(viny):
-    assert count_params(viny.patch_embed) == 100_224      # LN(768) + Linear(768->128) + LN(128)
+    assert count_params(viny.patch_embed) == 100_224  # LN(768) + Linear(768->128) + LN(128)
     assert all(count_params(b) == 394_496 for b in viny.blocks)
     assert len(viny.blocks) == 12
     assert tuple(viny.pos_embed.shape) == (1, 65, 128)
@@ -79,6 +102,7 @@ def test_layer_summary_reports_the_total():
 
 # ------------------------------------------------------------------------------------------ shapes
 
+
 @pytest.mark.parametrize("name,px,dim", [("viny", 128, 128), ("viny-tiny", 64, 64)])
 def test_head_shapes(request, name, px, dim):
     enc = request.getfixturevalue("viny" if name == "viny" else "tiny")
@@ -117,6 +141,7 @@ def test_forward_intermediates(tiny):
 
 # ------------------------------------------------------------------------------------------ pixel layout
 
+
 def test_patchify_unpatchify_round_trip():
     x = torch.randn(2, 3, 32, 32)
     t = patchify(x, 8)
@@ -133,7 +158,7 @@ def test_patchify_patch_k_is_grid_cell_in_row_col_channel_order():
     for b in range(2):
         for k in range(grid * grid):
             r, c = k // grid, k % grid
-            cell = x[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p]          # [C, p, p]
+            cell = x[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p]  # [C, p, p]
             assert torch.equal(t[b, k], cell.permute(1, 2, 0).reshape(-1))
     # spot check: element (row 1, col 2, channel 0) of patch 0 is pixel [0, 1, 2]
     assert t[0, 0, (1 * p + 2) * 3 + 0] == x[0, 0, 1, 2]
@@ -146,14 +171,15 @@ def test_segmenter_logits_land_in_their_patch(tiny):
     p, grid = tiny.cfg.patch_size, tiny.cfg.grid
     with torch.no_grad():
         out = seg(x)
-        per_token = seg.head(tiny(x)[:, 1:])                    # [1, 64, p*p*3]
+        per_token = seg.head(tiny(x)[:, 1:])  # [1, 64, p*p*3]
     for k in (0, 5, 13, 63):
         r, c = k // grid, k % grid
         expect = per_token[0, k].view(p, p, 3).permute(2, 0, 1)
-        torch.testing.assert_close(out[0, :, r * p:(r + 1) * p, c * p:(c + 1) * p], expect)
+        torch.testing.assert_close(out[0, :, r * p : (r + 1) * p, c * p : (c + 1) * p], expect)
 
 
 # ------------------------------------------------------------------------------------------ the mask token
+
 
 def test_mask_token_with_empty_mask_is_plain_encoder(tiny):
     torch.manual_seed(3)
@@ -185,7 +211,7 @@ def test_mask_token_replaces_masked_inputs(tiny):
         torch.testing.assert_close(mim(x2, mask), masked, rtol=0, atol=1e-5)
         # whereas changing an unmasked patch does change the prediction
         t3 = t.clone()
-        t3[:, 1] = torch.randn_like(t3[:, 1])      # (a constant shift would vanish in the patch LayerNorm)
+        t3[:, 1] = torch.randn_like(t3[:, 1])  # (a constant shift would vanish in the patch LayerNorm)
         assert not torch.allclose(mim(unpatchify(t3, 8, 3), mask), masked, atol=1e-4)
 
 
@@ -194,3 +220,59 @@ def test_mask_token_is_a_learned_parameter(tiny):
     names = dict(mim.named_parameters())
     assert "mask_token" in names and names["mask_token"].shape == (1, 1, tiny.cfg.dim)
     assert count_params(mim) - count_params(tiny) == 64 + 64 * 192 + 192
+
+
+# ------------------------------------------------------------------------------------------ encoder files
+
+
+def test_save_and_load_encoder_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("viny-tiny").eval()
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(path, enc, {"stage": "pretrain", "epochs": 2})
+    raw = path.read_bytes()
+    assert not raw.startswith(b"\x80")  # no pickle
+    tensors = load_file(path)
+    assert tensors.keys() == enc.state_dict().keys()
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["name"] == "viny-tiny"
+    assert json.loads(meta["stage"]) == "pretrain" and json.loads(meta["epochs"]) == 2
+
+    back = load_encoder(path).eval()
+    assert back.cfg == enc.cfg
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back(x), enc(x))
+
+
+def test_load_encoder_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_encoder(tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+PUBLIC = ("ViNy", "MaskedImageModel", "Classifier", "Segmenter", "build_encoder", "load_encoder")
+
+
+def test_public_names_import_from_the_top():
+    import studylib
+    from studylib import Classifier, MaskedImageModel, Segmenter, ViNy, build_encoder, load_encoder
+    from studylib.core import model
+
+    assert (ViNy, MaskedImageModel, Classifier, Segmenter, build_encoder, load_encoder) == tuple(
+        getattr(model, n) for n in PUBLIC
+    )
+    assert set(PUBLIC) <= set(dir(studylib))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        studylib.no_such_name  # noqa: B018
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = (
+        "import sys, studylib, studylib.cli\n"
+        "assert 'torch' not in sys.modules, 'torch imported by: import studylib, studylib.cli'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

@@ -1,15 +1,20 @@
 """The split and augmentation semantics of the paper and clean protocols."""
+
 from __future__ import annotations
 
 import pytest
-import torch
 
+from studylib.core import augment as A
+from studylib.data.readers import load_pets
+from studylib.data.sources import resolve_data
+from studylib.data.splits import segmentation_split
 from studylib.study import config, grid, stages
 from studylib.study.config import SegmentConfig
-from studylib.data.sources import resolve_data
 
-DATA = {"kind": "synthetic", "synth": {"pets": 80, "unlabeled": 8, "intel_train_per_class": 2,
-                                       "intel_test_per_class": 1}}
+DATA = {
+    "kind": "synthetic",
+    "synth": {"pets": 80, "unlabeled": 8, "intel_train_per_class": 2, "intel_test_per_class": 1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +23,7 @@ def paths(tmp_path_factory):
 
 
 def split(paths, mode: str, n: int, seed: int):
-    train, test = stages.segmentation_split(paths, SegmentConfig(split=mode, test_size=20), n, seed, 32)
+    train, test = segmentation_split(paths, SegmentConfig(split=mode, test_size=20), n, seed, 32)
     return train.names, test.names
 
 
@@ -27,17 +32,17 @@ def test_clean_split_keeps_one_test_set_and_nests_train_sets(paths):
     assert len(tests) == 1
     small, big = split(paths, "fixed", 5, 3)[0], split(paths, "fixed", 40, 3)[0]
     assert set(small) <= set(big)
-    assert not set(big) & set(next(iter(tests)))            # never train on a test image
+    assert not set(big) & set(next(iter(tests)))  # never train on a test image
 
 
 def test_paper_split_moves_the_test_set_with_the_size(paths):
     t5, t10 = split(paths, "pooled", 5, 0)[1], split(paths, "pooled", 10, 0)[1]
-    assert t5 != t10 and set(t5) & set(split(paths, "pooled", 10, 0)[0])   # yesterday's test is today's train
+    assert t5 != t10 and set(t5) & set(split(paths, "pooled", 10, 0)[0])  # yesterday's test is today's train
 
 
 def test_official_split_uses_the_lists(paths):
     train, test = split(paths, "official", 10, 0)
-    trainval = set(stages.load_pets(paths.pets, "trainval", 32, cache_dir=paths.cache).names)
+    trainval = set(load_pets(paths.pets, "trainval", 32, cache_dir=paths.cache).names)
     assert set(train) <= trainval and not set(test) & trainval
 
 
@@ -47,20 +52,62 @@ def test_too_many_images_is_a_clear_error(paths):
 
 
 def test_paper_protocol_reruns_the_intermediate_stage_per_downstream_run():
-    values = {"model": "viny-tiny", "grid": {"pretrain_sizes": [0, 8], "intermediate": [True],
-                                             "finetune_sizes": [4, 8, 16], "seeds": [0]}}
+    values = {
+        "model": "viny-tiny",
+        "grid": {"pretrain_sizes": [0, 8], "intermediate": [True], "finetune_sizes": [4, 8, 16], "seeds": [0]},
+    }
     paper = grid.plan(config.resolve({**values, "protocol": "paper"}))
     clean = grid.plan(config.resolve({**values, "protocol": "clean"}))
     count = lambda plan: sum(r.stage == "intermediate" for r in plan)  # noqa: E731
     assert count(paper) == 3 and count(clean) == 1
 
 
-def test_frozen_augmentation_repeats_across_epochs():
-    """The paper's frozen augmentation draws one flip/jitter per image; clean draws afresh."""
-    g0 = torch.Generator().manual_seed(0)
-    frozen = stages._flip_contrast(16, 0.3, torch.Generator().manual_seed(5))
-    again = stages._flip_contrast(16, 0.3, torch.Generator().manual_seed(5))
-    assert torch.equal(frozen["flip"], again["flip"]) and torch.equal(frozen["contrast"], again["contrast"])
-    e1, e2 = stages._flip_contrast(16, 0.3, g0), stages._flip_contrast(16, 0.3, g0)
-    assert not torch.equal(e1["contrast"], e2["contrast"])
-    assert ((frozen["contrast"] >= 0.7) & (frozen["contrast"] <= 1.3)).all()
+def _train_draws(paths, tmp_path, monkeypatch, frozen: bool) -> list[dict]:
+    """Run a 2-epoch segment stage and record, per epoch, each training image's flip and contrast draw."""
+    n, batch = 8, 4
+    calls, draws = [], [{}, {}]
+
+    def fit(task, step, *args, **kwargs):
+        def recording_step(idx, g):
+            calls.append(idx)
+            return step(idx, g)
+
+        return real_fit(task, recording_step, *args, **kwargs)
+
+    def affine_grid(boxes, flips, *args, **kwargs):
+        for i, f in zip(calls[-1].tolist(), flips.tolist()):
+            draws[(len(calls) - 1) // (n // batch)][i] = [f]
+        return real_grid(boxes, flips, *args, **kwargs)
+
+    def adjust_contrast(x, factors):
+        for i, c in zip(calls[-1].tolist(), factors.tolist()):
+            draws[(len(calls) - 1) // (n // batch)][i].append(c)
+        return real_contrast(x, factors)
+
+    real_fit, real_grid, real_contrast = stages.fit, A.affine_grid, A.adjust_contrast
+    with monkeypatch.context() as m:
+        m.setenv("STUDYLIB_PROGRESS", "0")
+        m.setattr(stages, "fit", fit)
+        m.setattr(A, "affine_grid", affine_grid)
+        m.setattr(A, "adjust_contrast", adjust_contrast)
+        stages.segment(
+            str(tmp_path / f"frozen-{frozen}"),
+            "viny-tiny",
+            {**DATA, "cache": str(paths.cache)},
+            {"epochs": 2, "batch_size": batch, "test_size": 20, "milestones": [], "frozen_augmentation": frozen},
+            size=n,
+            seed=0,
+            device="cpu",
+        )
+    assert len(calls) == 2 * (n // batch) and all(len(d) == n for d in draws)
+    return draws
+
+
+def test_frozen_augmentation_repeats_each_images_draws_across_epochs(paths, tmp_path, monkeypatch):
+    """The paper's frozen augmentation gives every training image one flip/contrast for all epochs;
+    clean draws afresh each epoch."""
+    epoch1, epoch2 = _train_draws(paths, tmp_path, monkeypatch, frozen=True)
+    assert epoch1 == epoch2
+    assert len({tuple(v) for v in epoch1.values()}) == len(epoch1)  # still random across images
+    epoch1, epoch2 = _train_draws(paths, tmp_path, monkeypatch, frozen=False)
+    assert all(epoch1[i][1] != epoch2[i][1] for i in epoch1)  # a new contrast for every image

@@ -1,5 +1,6 @@
 """The real-data samples in ../shared/data (skipped where that folder is absent), the data check,
 unreadable-file skipping, and the checksummed download."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,13 +13,11 @@ import pytest
 from PIL import Image
 
 from studylib import cli
-
-from studylib.study import config, grid, runner
-
-from studylib.data.readers import readers as D
+from studylib.analysis.tables import collect
+from studylib.data import readers as D
 from studylib.data.check import check
 from studylib.data.download import get_archive
-from studylib.analysis.results import collect
+from studylib.study import config, grid, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -41,7 +40,7 @@ def test_check_intel_sample():
     r = check("intel", SHARED / "intel_sample")
     assert r["splits"]["train"]["samples"] == 450 and r["splits"]["test"]["samples"] == 150
     assert r["classes"] == list(D.INTEL_CLASSES)
-    assert r["image_size_range"]["height"][0] < 150          # the short images are there
+    assert r["image_size_range"]["height"][0] < 150  # the short images are there
 
 
 @needs_shared
@@ -54,7 +53,7 @@ def test_check_imagenet_sample():
 def test_loaders_read_the_samples(tmp_path):
     tv = D.load_pets(SHARED / "oxford_pet_sample", "test", 32, cache_dir=tmp_path)
     assert tv.images.shape == (151, 3, 32, 32) and set(np.unique(tv.masks.numpy())) == {0, 1, 2}
-    assert "Abyssinian_5" in tv.names                        # the RGBA PNG named .jpg decodes
+    assert "Abyssinian_5" in tv.names  # the RGBA PNG named .jpg decodes
     intel = D.load_intel(SHARED / "intel_sample", "train", 32, cache_dir=tmp_path)
     assert len(intel) == 450 and intel.labels.bincount().tolist() == [75] * 6
     grey = D.load_images(SHARED / "imagenet_sample", 400, 32, seed=0, cache_dir=tmp_path)
@@ -63,7 +62,7 @@ def test_loaders_read_the_samples(tmp_path):
 
 @needs_shared
 def test_real_sample_study_runs_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)                                  # the file's paths are relative to the repo
+    monkeypatch.chdir(ROOT)  # the file's paths are relative to the repo
     cfg = config.load(ROOT / "params" / "real-sample.yaml")
     plan = grid.plan(cfg)
     summary = runner.execute(plan, tmp_path, device="cpu", workers=2, echo=lambda *_: None)
@@ -104,17 +103,19 @@ def test_skipping_unreadable_files_drops_and_lists_them(tmp_path):
     seg = D.load_pets(root, "trainval", 16, cache_dir=tmp_path / "cache", skip=True)
     assert seg.names == ["Cat_0", "Cat_1", "Cat_3"] and len(seg.images) == 3
     assert seg.skipped == [str(root / "images" / "Cat_2.jpg")]
-    assert int(seg.images[2].float().mean()) != 0            # rows stay aligned with their names
-    again = D.load_pets(root, "trainval", 16, cache_dir=tmp_path / "cache", skip=True)   # from the cache
+    assert int(seg.images[2].float().mean()) != 0  # rows stay aligned with their names
+    again = D.load_pets(root, "trainval", 16, cache_dir=tmp_path / "cache", skip=True)  # from the cache
     assert again.names == seg.names and again.skipped == seg.skipped
 
 
 def test_segment_stage_records_skipped_files(tmp_path):
     from studylib.study import stages
+
     root = _tiny_pets(tmp_path / "pets", broken=True)
     data = {"kind": "real", "pets": str(root), "cache": str(tmp_path / "cache"), "skip_unreadable": True}
-    m = stages.segment(str(tmp_path / "run"), data=data, settings={"epochs": 1, "batch_size": 2, "test_size": 2},
-                       size=2, device="cpu").metrics
+    m = stages.segment(
+        str(tmp_path / "run"), data=data, settings={"epochs": 1, "batch_size": 2, "test_size": 2}, size=2, device="cpu"
+    ).metrics
     assert m["skipped"] == [str(root / "images" / "Cat_2.jpg")]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped"] == m["skipped"]
 
@@ -141,7 +142,9 @@ def test_cli_data_check_prints_json(tmp_path, capsys):
 
 def test_get_pets_asks_torchvision_for_images_and_trimaps(tmp_path, monkeypatch):
     import torchvision.datasets
-    from studylib.data.readers import download
+
+    from studylib.data import download
+
     calls = []
 
     class FakePets:

@@ -1,5 +1,6 @@
 """The HTML report opens offline and renders in a headless Chromium, and the geometry of a study's
 encoders lands in the run store."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from studylib.analysis.encoders import encoders
-
+from studylib.analysis import encoders as analysis
 from studylib.study import config, grid, runner
-
 from studylib.views import report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +22,7 @@ def study(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     plan = grid.plan(config.load(ROOT / "params" / "smoke.yaml"))
     assert runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None).ok
-    analysis.compute(runs, plan, n_images=32, echo=lambda *_: None)   # the smoke test split has 16
+    analysis.compute(runs, plan, n_images=32, echo=lambda *_: None)  # the smoke test split has 16
     return runs, plan
 
 
@@ -37,14 +36,14 @@ def test_geometry_is_stored_for_every_encoder(study):
     table = analysis.table2(analysis.reports(runs, plan))
     assert set(table.index.get_level_values(0)) == {"scratch", "mim", "mim + intel", "mim + spatial"}
     assert table.loc[("mim + spatial", 32), "paper: within-image variance"] == 0.32
-    assert analysis.compute(runs, plan, n_images=32) == []         # measured once
+    assert analysis.compute(runs, plan, n_images=32) == []  # measured once
 
 
 def test_report_is_self_contained(study, tmp_path):
     runs, plan = study
     out = report.write(runs, plan, tmp_path / "report.html", "smoke")
     text = out.read_text()
-    assert "<script src=" not in text and "<link " not in text       # nothing fetched: plotly.js is inline
+    assert "<script src=" not in text and "<link " not in text  # nothing fetched: plotly.js is inline
     assert text.count('class="figure"') >= 6
     assert "Table 2" in text and "Gallery" in text
 
@@ -59,12 +58,27 @@ def test_report_renders_in_headless_chromium(study, tmp_path):
         pytest.skip("Chromium is not installed here and could not be (Debian package `chromium`)")
     runs, plan = study
     out = report.write(runs, plan, tmp_path / "report.html", "smoke")
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                          "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--virtual-time-budget=15000", "--dump-dom", out.as_uri()],
-                         capture_output=True, text=True, timeout=180).stdout
-    errors = dom.split("<pre id=\"js-errors\">", 1)[1].split("</pre>", 1)[0] if 'id="js-errors"' in dom else None
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+            out.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    errors = dom.split('<pre id="js-errors">', 1)[1].split("</pre>", 1)[0] if 'id="js-errors"' in dom else None
     assert errors == "", f"JavaScript errors: {errors}"
     figures = dom.count('class="figure"')
-    assert figures >= 6 and dom.count('class="main-svg"') >= figures    # plotly drew every figure
+    assert figures >= 6 and dom.count('class="main-svg"') >= figures  # plotly drew every figure

@@ -1,5 +1,6 @@
 """The runner's guarantees: locks that survive a crashed holder, two runners never running the same
 run, SIGKILL then resume, the submitit path, provenance, and the plan listing."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,9 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import yaml
 
 from studylib import cli
-
 from studylib.study import config, grid, runner
 from studylib.study.locks import RunLock
 
@@ -34,10 +33,16 @@ def _params(tmp_path: Path, **grid_values) -> Path:
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r); from studylib.study.locks import RunLock; "
-        "l = RunLock(%r); l.acquire(); print('held', flush=True); time.sleep(60)") % (str(ROOT), str(tmp_path))],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from studylib.study.locks import RunLock; "
+            f"l = RunLock({str(tmp_path)!r}); l.acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     assert not RunLock(tmp_path).acquire(blocking=False)
     holder.send_signal(signal.SIGKILL)
@@ -52,14 +57,16 @@ def test_two_runners_on_one_store_execute_each_run_once(tmp_path):
     runs = tmp_path / "runs"
     cmd = STUDY + ["run", str(params), "--runs", str(runs), "--workers", "1", "--no-notebook"]
     env = {**os.environ, "CI": "true"}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     ran = [int(re.search(r"(\d+) ran, (\d+) already done, (\d+) finished by another", o).group(1)) for o in outs]
     plan = grid.plan(config.load(params))
     assert sum(ran) == len(plan) == 5
-    for run in plan:   # each run's training log was written by one execution: one line per epoch
+    for run in plan:  # each run's training log was written by one execution: one line per epoch
         lines = (run.dir(runs) / "train_log.jsonl").read_text().splitlines()
         assert [json.loads(x)["epoch"] for x in lines] == list(range(1, len(lines) + 1))
 
@@ -82,9 +89,13 @@ def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path):
     pre = next(r for r in plan if r.stage == "pretrain")
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(STUDY + ["run", str(params), "--runs", str(killed), "--workers", "1", "--no-notebook"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "CI": "true"})
+    proc = subprocess.Popen(
+        STUDY + ["run", str(params), "--runs", str(killed), "--workers", "1", "--no-notebook"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, "CI": "true"},
+    )
     log = pre.dir(killed) / "train_log.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
@@ -107,8 +118,14 @@ def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path):
 def test_submitit_executor_runs_a_tiny_grid(tmp_path):
     params = _params(tmp_path, pretrain_sizes=[0, 32], intermediate=[False], finetune_sizes=[8])
     plan = grid.plan(config.load(params))
-    summary = runner.execute(plan, tmp_path / "runs", device="cpu", executor="submitit-local",
-                             cluster={"timeout_min": 10}, echo=lambda *_: None)
+    summary = runner.execute(
+        plan,
+        tmp_path / "runs",
+        device="cpu",
+        executor="submitit-local",
+        cluster={"timeout_min": 10},
+        echo=lambda *_: None,
+    )
     assert summary.ok and len(summary.ran) == 3
     assert all((r.dir(tmp_path / "runs") / "metrics.json").exists() for r in plan)
 

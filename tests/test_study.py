@@ -1,21 +1,19 @@
 """End to end: the smoke study through the runner and papermill, the notebooks' parameters, the CLI,
 and resuming an interrupted stage."""
+
 from __future__ import annotations
 
 import ast
 import json
-import shutil
 from pathlib import Path
 
 import papermill as pm
 import pytest
 
 from studylib import cli
-
-from studylib.study import config, grid, runner, stages
-
+from studylib.analysis.tables import collect, paper_table
 from studylib.core import train
-from studylib.analysis.results import collect, paper_table
+from studylib.study import config, grid, runner, stages
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -37,7 +35,7 @@ def test_smoke_study_runs_every_stage(smoke_store):
         d = run.dir(runs)
         for f in ("params.json", "notebook.ipynb", "metrics.json", "encoder.safetensors", "train_log.jsonl"):
             assert (d / f).exists(), f"{run.describe()} lacks {f}"
-        assert not (d / train.CHECKPOINT).exists()      # optimizer state dropped once finished
+        assert not (d / train.CHECKPOINT).exists()  # optimizer state dropped once finished
     seg = [r for r in plan if r.stage == "segment"]
     for intermediate in (r for r in plan if r.stage == "intermediate"):
         assert sum(r.parent is intermediate for r in seg) == 1
@@ -63,12 +61,17 @@ def test_results_table_has_the_papers_layout(smoke_store):
 def test_results_notebook_executes(smoke_store, tmp_path):
     runs, _, _ = smoke_store
     out = tmp_path / "results.ipynb"
-    pm.execute_notebook(str(ROOT / "notebooks" / "results.ipynb"), str(out), kernel_name="python3",
-                        progress_bar=False, parameters={"runs_dir": str(runs), "params_file": str(SMOKE)},
-                        execution_timeout=300)
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "results.ipynb"),
+        str(out),
+        kernel_name="python3",
+        progress_bar=False,
+        parameters={"runs_dir": str(runs), "params_file": str(SMOKE)},
+        execution_timeout=300,
+    )
     text = out.read_text()
     assert "4 finished segmentation runs" in text
-    assert "application/vnd.jupyter.widget-view+json" in text     # opened by a person: the explorer
+    assert "application/vnd.jupyter.widget-view+json" in text  # opened by a person: the explorer
 
 
 @pytest.mark.slow
@@ -108,13 +111,20 @@ def test_failed_run_is_recorded_and_blocks_only_its_dependents(tmp_path):
 
 def _smoke_values() -> dict:
     import yaml
+
     return yaml.safe_load(SMOKE.read_text())
 
 
 def test_interrupted_stage_resumes_to_the_same_metrics(tmp_path, monkeypatch):
     cfg = config.load(SMOKE)
-    kwargs = dict(model=cfg.model, data={**config.to_dict(cfg.data), "cache": str(tmp_path / "cache")},
-                  settings={**config.to_dict(cfg.segment), "epochs": 3}, size=16, seed=0, device="cpu")
+    kwargs = dict(
+        model=cfg.model,
+        data={**config.to_dict(cfg.data), "cache": str(tmp_path / "cache")},
+        settings={**config.to_dict(cfg.segment), "epochs": 3},
+        size=16,
+        seed=0,
+        device="cpu",
+    )
     whole = stages.segment(str(tmp_path / "whole"), **kwargs).metrics
 
     real_fit = train.fit
@@ -123,6 +133,7 @@ def test_interrupted_stage_resumes_to_the_same_metrics(tmp_path, monkeypatch):
         def stop(epoch, record):
             if epoch == 2:
                 raise KeyboardInterrupt
+
         return real_fit(*args, **kw, on_epoch_end=stop)
 
     monkeypatch.setattr(stages, "fit", interrupted_fit)

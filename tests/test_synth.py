@@ -1,4 +1,5 @@
 """Synthetic data: real on-disk layouts, determinism, atomic/idempotent writing, and the statistics the study needs."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studylib.data.readers import synth
+from studylib.data import synth
 from studylib.data.synth import INTEL_CLASSES, SynthSpec, write_synthetic
 
 # Enough pets that pooled pixel statistics are stable whatever the seed; still well under a second to write.
@@ -35,12 +36,19 @@ def _pet_names(pets: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ layout
 
+
 def test_returns_the_three_roots(data):
     root = data["pets"].parent
     assert data == {"pets": root / "pets", "intel": root / "intel", "images": root / "images"}
     assert json.loads((root / "SYNTH.json").read_text())["spec"] == {
-        "seed": 3, "pets": 120, "intel_train_per_class": 12, "intel_test_per_class": 6, "unlabeled": 40,
-        "min_size": 72, "max_size": 112}
+        "seed": 3,
+        "pets": 120,
+        "intel_train_per_class": 12,
+        "intel_test_per_class": 6,
+        "unlabeled": 40,
+        "min_size": 72,
+        "max_size": 112,
+    }
 
 
 def test_pets_layout_and_split_files(data):
@@ -128,6 +136,7 @@ def test_trimap_band_is_two_pixels_wide():
 
 # ------------------------------------------------------------------------------------------------ determinism, writing
 
+
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in synth.iter_files(root)}
 
@@ -148,10 +157,12 @@ def test_counts_do_not_change_existing_images(data, tmp_path):
 
 
 def test_seed_changes_the_images(tmp_path):
-    a = write_synthetic(tmp_path / "a", SynthSpec(seed=0, pets=6, intel_train_per_class=0, intel_test_per_class=0,
-                                                  unlabeled=0))
-    b = write_synthetic(tmp_path / "b", SynthSpec(seed=1, pets=6, intel_train_per_class=0, intel_test_per_class=0,
-                                                  unlabeled=0))
+    a = write_synthetic(
+        tmp_path / "a", SynthSpec(seed=0, pets=6, intel_train_per_class=0, intel_test_per_class=0, unlabeled=0)
+    )
+    b = write_synthetic(
+        tmp_path / "b", SynthSpec(seed=1, pets=6, intel_train_per_class=0, intel_test_per_class=0, unlabeled=0)
+    )
     assert _snapshot(a["pets"] / "images") != _snapshot(b["pets"] / "images")
 
 
@@ -192,6 +203,7 @@ def test_a_failed_run_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ the statistics
+
 
 def _local_texture_energy(gray: np.ndarray, r: int = 2) -> np.ndarray:
     """|Laplacian| averaged over a (2r+1)^2 window: high on fine texture, low on flat or smooth regions."""
@@ -235,8 +247,15 @@ def _global_features(path: Path) -> np.ndarray:
     sat = np.asarray(im.convert("HSV"), np.float32)[..., 1] / 255
     gray = rgb.mean(2)
     gx, gy = np.diff(gray, axis=1) ** 2, np.diff(gray, axis=0) ** 2
-    return np.r_[rgb.mean((0, 1)), rgb.std((0, 1)), sat.mean(), gx.mean(), gy.mean(),
-                 rgb[:21].mean((0, 1)), rgb[43:].mean((0, 1))]
+    return np.r_[
+        rgb.mean((0, 1)),
+        rgb.std((0, 1)),
+        sat.mean(),
+        gx.mean(),
+        gy.mean(),
+        rgb[:21].mean((0, 1)),
+        rgb[43:].mean((0, 1)),
+    ]
 
 
 def _load_intel(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +310,8 @@ def test_breeds_are_tendencies_over_a_varied_texture_space():
 
     rng = np.random.default_rng(0)
     chance = np.mean([between(rng.permutation(labels)) for _ in range(20)])
-    within = np.mean([np.abs(x[labels == c][:, None] - x[labels == c][None]).sum(-1).mean()
-                      for c in range(len(synth.BREEDS))])
+    within = np.mean(
+        [np.abs(x[labels == c][:, None] - x[labels == c][None]).sum(-1).mean() for c in range(len(synth.BREEDS))]
+    )
     assert between(labels) > 1.5 * chance
     assert within > between(labels)

@@ -1,5 +1,6 @@
 """The training loop: the step schedule, determinism, exact resume, the JSON-lines log, the NaN stop,
-and safetensors checkpoints / encoder files."""
+safetensors checkpoints and the optimiser's weight-decay groups."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def _no_progress_bars(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ schedule
 
+
 def test_segmentation_schedule_from_the_paper():
     s = T.Schedule(epochs=100, batch_size=64, lr=2e-3, weight_decay=1e-4, milestones=[0.7, 0.9, 0.95], gamma=0.5)
     expect = {0: 2e-3, 69: 2e-3, 70: 1e-3, 89: 1e-3, 90: 5e-4, 94: 5e-4, 95: 2.5e-4, 99: 2.5e-4}
@@ -38,7 +40,7 @@ def test_schedule_without_milestones_is_constant():
 
 
 def test_pretrain_schedule_milestones_are_fractions_of_the_epochs():
-    s = T.Schedule(epochs=20, batch_size=4, lr=1.0, milestones=[0.5, 0.85], gamma=0.1)   # drops at 10 and 17
+    s = T.Schedule(epochs=20, batch_size=4, lr=1.0, milestones=[0.5, 0.85], gamma=0.1)  # drops at 10 and 17
     assert [s.lr_at(e) for e in (9, 10, 16, 17, 19)] == pytest.approx([1.0, 0.1, 0.1, 0.01, 0.01])
 
 
@@ -70,19 +72,28 @@ def _step(model, X, Y, nan_after: int | None = None):
 
     def step(idx, g):
         calls["n"] += 1
-        noise = 0.1 * torch.randn(len(idx), 4, generator=g)       # a random draw from the epoch generator
+        noise = 0.1 * torch.randn(len(idx), 4, generator=g)  # a random draw from the epoch generator
         loss = ((model(X[idx] + noise) - Y[idx]) ** 2).mean()
         if nan_after is not None and calls["n"] > nan_after:
             loss = loss * float("nan")
         return loss
+
     return step
 
 
 def _fit(run_dir, seed_init=0, sched=SCHED, on_epoch_end=None, nan_after=None):
     X, Y = _task()
     model = Regressor(seed_init)
-    hist = T.fit(model, _step(model, X, Y, nan_after), N_TRAIN, sched, seed=5, run_dir=run_dir, device=CPU,
-                 on_epoch_end=on_epoch_end)
+    hist = T.fit(
+        model,
+        _step(model, X, Y, nan_after),
+        N_TRAIN,
+        sched,
+        seed=5,
+        run_dir=run_dir,
+        device=CPU,
+        on_epoch_end=on_epoch_end,
+    )
     return model, hist
 
 
@@ -125,6 +136,7 @@ def _interrupt_at(epoch_to_stop: int):
     def cb(epoch, record):
         if epoch == epoch_to_stop:
             raise Interrupt(epoch)
+
     return cb
 
 
@@ -184,7 +196,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     steps_per_epoch = N_TRAIN // SCHED.batch_size
     run = tmp_path / "nan"
     with pytest.raises(T.NonFiniteLoss) as e:
-        _fit(run, nan_after=steps_per_epoch)           # epoch 1 is fine, the first step of epoch 2 is NaN
+        _fit(run, nan_after=steps_per_epoch)  # epoch 1 is fine, the first step of epoch 2 is NaN
     msg = str(e.value)
     assert "epoch 2" in msg and "nan" in msg.lower()
     assert (run / T.CHECKPOINT).is_file()
@@ -216,17 +228,24 @@ def test_checkpoint_is_safetensors_with_optimizer_state(tmp_path):
 
 # ------------------------------------------------------------------------------------------ optimiser groups
 
-def test_no_weight_decay_on_biases_norms_and_tokens():
+
+@pytest.mark.parametrize("prefix", ["", "encoder."])
+def test_param_groups_no_decay_on_biases_norms_and_tokens(prefix):
+    """The one weight-decay rule, for the bare encoder and for a task wrapping it (the tokens' names differ)."""
     torch.manual_seed(0)
-    mim = MaskedImageModel(build_encoder("viny-tiny"))
-    decay, no_decay = T.param_groups(mim, 0.05)
+    enc = build_encoder("viny-tiny")
+    model = MaskedImageModel(enc) if prefix else enc
+    decay, no_decay = T.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
-    named = dict(mim.named_parameters())
-    for name in ("mask_token", "encoder.cls_token", "encoder.pos_embed", "encoder.norm.weight",
-                 "encoder.blocks.0.attn.proj.bias", "encoder.patch_embed.norm_in.weight"):
+    named = dict(model.named_parameters())
+    exempt = ["cls_token", "pos_embed", "norm.weight", "blocks.0.attn.proj.bias", "patch_embed.norm_in.weight"]
+    decayed = ["blocks.0.attn.qkv.weight", "patch_embed.proj.weight"]
+    if prefix:
+        exempt, decayed = ["mask_token"] + [prefix + n for n in exempt], ["head.weight"] + [prefix + n for n in decayed]
+    for name in exempt:
         assert id(named[name]) in ids, name
-    for name in ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.weight", "head.weight"):
+    for name in decayed:
         assert id(named[name]) not in ids, name
     assert len(decay["params"]) + len(no_decay["params"]) == len(named)
 
@@ -236,31 +255,3 @@ def test_epoch_generator_is_seeded_by_seed_and_epoch():
     assert torch.equal(a, torch.rand(3, generator=T.epoch_generator(1, 2)))
     assert not torch.equal(a, torch.rand(3, generator=T.epoch_generator(1, 3)))
     assert not torch.equal(a, torch.rand(3, generator=T.epoch_generator(2, 2)))
-
-
-# ------------------------------------------------------------------------------------------ encoder files
-
-def test_save_and_load_encoder_round_trip(tmp_path):
-    torch.manual_seed(0)
-    enc = build_encoder("viny-tiny").eval()
-    path = tmp_path / "encoder.safetensors"
-    T.save_encoder(path, enc, {"stage": "pretrain", "epochs": 2})
-    raw = path.read_bytes()
-    assert not raw.startswith(b"\x80")                       # no pickle
-    tensors = load_file(path)
-    assert tensors.keys() == enc.state_dict().keys()
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    assert json.loads(meta["config"])["name"] == "viny-tiny"
-    assert json.loads(meta["stage"]) == "pretrain" and json.loads(meta["epochs"]) == 2
-
-    back = T.load_encoder(path).eval()
-    assert back.cfg == enc.cfg
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(back(x), enc(x))
-
-
-def test_load_encoder_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        T.load_encoder(tmp_path / "nope.safetensors")

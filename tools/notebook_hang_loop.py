@@ -9,6 +9,7 @@ on the kernel's PYTHONPATH, e.g. from `pip install --target DIR ipykernel==6.31.
 
 Prints one line per execution and a JSON summary (executions, hangs, seconds per finished execution).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,25 +58,38 @@ def main(argv=None) -> int:
     hangs, seconds = 0, []
     for i in range(args.n):
         extra = {}
-        if args.transport == "ipc":   # papermill's default is a TCP kernel manager made by nbclient
-            extra["km"] = KernelManager(kernel_name="python3", transport="ipc",
-                                        ip=tempfile.mkdtemp(prefix="ipc-") + "/kernel")
+        if args.transport == "ipc":  # papermill's default is a TCP kernel manager made by nbclient
+            extra["km"] = KernelManager(
+                kernel_name="python3", transport="ipc", ip=tempfile.mkdtemp(prefix="ipc-") + "/kernel"
+            )
         t0 = time.time()
         try:
-            pm.execute_notebook(str(nb), str(nb.with_suffix(".out.ipynb")), parameters=params, kernel_name="python3",
-                                progress_bar=False, execution_timeout=args.timeout, **extra)
+            pm.execute_notebook(
+                str(nb),
+                str(nb.with_suffix(".out.ipynb")),
+                parameters=params,
+                kernel_name="python3",
+                progress_bar=False,
+                execution_timeout=args.timeout,
+                **extra,
+            )
             seconds.append(time.time() - t0)
             status = "ok"
         except (CellTimeoutError, pm.PapermillExecutionError, TimeoutError) as e:
-            if "Timeout" not in type(e).__name__ and "timed out" not in str(e).lower() \
-                    and "TimeoutError" not in str(e):
+            if "Timeout" not in type(e).__name__ and "timed out" not in str(e).lower() and "TimeoutError" not in str(e):
                 raise
             hangs += 1
             status = "HUNG"
         print(f"{i + 1:3d} {status} {time.time() - t0:6.1f}s", flush=True)
-    summary = {"executions": args.n, "hangs": hangs, "widget": not args.no_widget, "transport": args.transport,
-               "kernel_path": args.kernel_path, "interactive": args.interactive,
-               "seconds_median": round(statistics.median(seconds), 1) if seconds else None}
+    summary = {
+        "executions": args.n,
+        "hangs": hangs,
+        "widget": not args.no_widget,
+        "transport": args.transport,
+        "kernel_path": args.kernel_path,
+        "interactive": args.interactive,
+        "seconds_median": round(statistics.median(seconds), 1) if seconds else None,
+    }
     print(json.dumps(summary))
     return 0
 

@@ -5,6 +5,7 @@ its run folder, measured at every block and at the final normed output on the sa
 (the study's fixed test split). A freshly initialised encoder per seed is measured too, as the
 reference point that training moves away from (runs/geometry/scratch-<model>-<seed>.json).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,31 +13,38 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from studylib.study.config import SegmentConfig, build
-from studylib.data.sources import resolve_data
-from studylib.analysis.geometry import PAPER_TABLE2, geometry_report
-from studylib.study.grid import Run
-from studylib.core.model import build_encoder
-from studylib.study.runner import is_done
+from studylib.analysis.geometry import geometry_report
+from studylib.analysis.reference import PAPER_NAMES, PAPER_TABLE2
+from studylib.analysis.vocabulary import encoder_name
 from studylib.core.files import atomic_write_json, read_json
-from studylib.core.train import load_encoder
+from studylib.core.model import build_encoder, load_encoder
+from studylib.data.sources import resolve_data
+from studylib.data.splits import segmentation_split
+from studylib.study.config import SegmentConfig, build
+from studylib.study.grid import Run
+from studylib.study.store import RunFolder
 
-TABLE2_COLUMNS = {"within_image_variance": "within-image variance", "across_image_variance": "across-image variance",
-                  "patch_probe_train_pct": "patch probe train %", "patch_probe_heldout_pct": "patch probe held-out %",
-                  "patch_probe_balanced_pct": "patch probe balanced %", "effective_rank": "effective rank",
-                  "position_probe_pct": "position probe %"}
+TABLE2_COLUMNS = {
+    "within_image_variance": "within-image variance",
+    "across_image_variance": "across-image variance",
+    "patch_probe_train_pct": "patch probe train %",
+    "patch_probe_heldout_pct": "patch probe held-out %",
+    "patch_probe_balanced_pct": "patch probe balanced %",
+    "effective_rank": "effective rank",
+    "position_probe_pct": "position probe %",
+}
 
 
-def encoder_name(run: Run | None) -> str:
-    """'scratch', 'mim' (pre-training only) or 'mim + <arm>'."""
+def encoder_name_of(run: Run | None) -> str:
+    """vocabulary.encoder_name of the encoder a pre-training or intermediate run trained: 'mim' or
+    'mim + <arm>'; None (a freshly initialised encoder): 'scratch'."""
     if run is None:
-        return "scratch"
-    return "mim" if run.stage == "pretrain" else f"mim + {run.params['arm']}"
+        return encoder_name(0, "none")
+    return encoder_name(run.labels["pretrain_size"], run.labels.get("arm", "none"))
 
 
 def geometry_images(plan: list[Run], n: int):
     """The first n images (and trimaps) of the study's segmentation test split."""
-    from studylib.study.stages import segmentation_split
     seg = next(r for r in plan if r.stage == "segment")
     s = build(SegmentConfig, seg.params["settings"], "segment")
     size = build_encoder(seg.params["model"]).cfg.img_size
@@ -58,7 +66,7 @@ def compute(runs: str | Path, plan: list[Run], n_images: int = 256, device: str 
     model = plan[0].params["model"]
     targets += [(None, runs / "geometry" / f"scratch-{model}-{s}.json") for s in seeds]
     for run, out in targets:
-        if out.exists() or (run is not None and not is_done(run.dir(runs))):
+        if out.exists() or (run is not None and not RunFolder.of(run, runs).is_done):
             continue
         if images is None:
             images, masks = geometry_images(plan, n_images)
@@ -68,13 +76,18 @@ def compute(runs: str | Path, plan: list[Run], n_images: int = 256, device: str 
         else:
             encoder = load_encoder(run.dir(runs) / "encoder.safetensors")
         report = _measure(encoder, images, masks, device)
-        report["encoder"] = {"name": encoder_name(run), "run": run.id if run else None,
-                             "pretrain_size": run.labels["pretrain_size"] if run else 0,
-                             "seed": run.params["seed"] if run else int(out.stem.rsplit("-", 1)[1])}
+        report["encoder"] = {
+            "name": encoder_name_of(run),
+            "run": run.id if run else None,
+            "pretrain_size": run.labels["pretrain_size"] if run else 0,
+            "seed": run.params["seed"] if run else int(out.stem.rsplit("-", 1)[1]),
+        }
         atomic_write_json(out, report)
         written.append(out)
-        echo(f"geometry: {report['encoder']['name']} (pre-training {report['encoder']['pretrain_size']}, "
-             f"seed {report['encoder']['seed']}) -> {out}")
+        echo(
+            f"geometry: {report['encoder']['name']} (pre-training {report['encoder']['pretrain_size']}, "
+            f"seed {report['encoder']['seed']}) -> {out}"
+        )
     return written
 
 
@@ -89,6 +102,7 @@ def reports(runs: str | Path, plan: list[Run]) -> list[dict]:
 def frame(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
     """One row per encoder at one layer (-1: the final normed tokens, as the paper measures)."""
     from studylib.analysis.geometry import table
+
     rows = []
     for rep in reports_:
         t = table(rep)
@@ -115,12 +129,9 @@ def by_layer(reports_: list[dict]) -> pd.DataFrame:
     df = pd.concat(frames) if frames else pd.DataFrame()
     if df.empty:
         return df
-    return df.groupby(["name", "layer"], sort=False)[list(TABLE2_COLUMNS)].mean().round(3).rename(
-        columns=TABLE2_COLUMNS)
-
-
-PAPER_NAMES = {"mim": "SimMIM", "mim + intel": "+CLS Intel", "mim + pets-breeds": "+CLS Pets",
-               "mim + spatial": "+spatial Pets"}
+    return (
+        df.groupby(["name", "layer"], sort=False)[list(TABLE2_COLUMNS)].mean().round(3).rename(columns=TABLE2_COLUMNS)
+    )
 
 
 def table2(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
@@ -130,62 +141,42 @@ def table2(reports_: list[dict], layer: int = -1) -> pd.DataFrame:
     if df.empty:
         return df
     agg = df.groupby(["name", "pretrain_size"])[list(TABLE2_COLUMNS)].mean().round(3)
-    for ours, theirs in (("within_image_variance", "within_image_variance"),
-                         ("across_image_variance", "across_image_variance"),
-                         ("patch_probe_train_pct", "patch_probe_accuracy_pct")):
-        agg[f"paper: {TABLE2_COLUMNS[ours]}"] = [PAPER_TABLE2.get(PAPER_NAMES.get(name), {}).get(theirs)
-                                                 for name, _ in agg.index]
+    for ours, theirs in (
+        ("within_image_variance", "within_image_variance"),
+        ("across_image_variance", "across_image_variance"),
+        ("patch_probe_train_pct", "patch_probe_accuracy_pct"),
+    ):
+        agg[f"paper: {TABLE2_COLUMNS[ours]}"] = [
+            PAPER_TABLE2.get(PAPER_NAMES.get(name), {}).get(theirs) for name, _ in agg.index
+        ]
     return agg.rename(columns=TABLE2_COLUMNS)
 
 
-def token_umap(encoder, images, masks, names: list[str], layer: int = -1, n_neighbors: int = 15,
-               seed: int = 0) -> pd.DataFrame:
+def token_umap(
+    encoder, images, masks, names: list[str], layer: int = -1, n_neighbors: int = 15, seed: int = 0
+) -> pd.DataFrame:
     """UMAP of the patch tokens of `images` at one layer -> one row per token: x, y, image name, grid
     row and column, majority trimap class."""
     import umap
 
+    from studylib.analysis.tokens import patch_tokens
     from studylib.data.readers import PET_CLASSES
-    from studylib.analysis.geometry import patch_labels, patch_tokens
-    T = patch_tokens(encoder, images, [layer])[layer]                     # [N, P, D]
+    from studylib.data.splits import patch_labels
+
+    T = patch_tokens(encoder, images, [layer])[layer]  # [N, P, D]
     N, P, D = T.shape
     g = encoder.cfg.grid
     xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(T.reshape(-1, D).numpy())
     cls = patch_labels(masks, g).reshape(-1)
     idx = torch.arange(N * P)
-    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "image": (idx // P).numpy(),
-                         "name": [names[i] for i in (idx // P).tolist()], "row": ((idx % P) // g).numpy(),
-                         "col": (idx % g).numpy(), "class": [PET_CLASSES[c] for c in cls.tolist()]})
-
-
-def explore_tokens(runs: str | Path, plan: list[Run]):
-    """ipywidgets: pick an encoder, a layer, how many test images and the colouring; shows the UMAP of
-    their patch tokens (hover: image and patch)."""
-    import ipywidgets as W
-    from IPython.display import display
-
-    from studylib.views.plots import token_scatter
-    runs = Path(runs).resolve()
-    choices = [(f"{encoder_name(r)}, pre-training {r.labels['pretrain_size']}, seed {r.params['seed']}", r)
-               for r in plan if r.stage in ("pretrain", "intermediate") and is_done(r.dir(runs))]
-    if not choices:
-        return W.HTML("<i>no finished encoders yet: run `make study`</i>")
-    depth = build_encoder(plan[0].params["model"]).cfg.depth
-    pick = {"encoder": W.Dropdown(options=choices, description="encoder"),
-            "layer": W.Dropdown(options=[("output", -1)] + [(f"block {i}", i) for i in range(depth)],
-                                description="layer"),
-            "images": W.IntSlider(value=32, min=8, max=128, step=8, description="images"),
-            "colour": W.Dropdown(options=["class", "row", "col", "image"], description="colour")}
-    out = W.Output()
-
-    def draw(*_):
-        images, masks = geometry_images(plan, pick["images"].value)
-        enc = load_encoder(pick["encoder"].value.dir(runs) / "encoder.safetensors")
-        points = token_umap(enc, images, masks, [f"test image {i}" for i in range(len(images))], pick["layer"].value)
-        with out:
-            out.clear_output(wait=True)
-            display(token_scatter(points, pick["colour"].value))
-
-    for w in pick.values():
-        w.observe(draw, names="value")
-    draw()
-    return W.VBox([W.HBox([pick["encoder"], pick["layer"]]), W.HBox([pick["images"], pick["colour"]]), out])
+    return pd.DataFrame(
+        {
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "image": (idx // P).numpy(),
+            "name": [names[i] for i in (idx // P).tolist()],
+            "row": ((idx % P) // g).numpy(),
+            "col": (idx % g).numpy(),
+            "class": [PET_CLASSES[c] for c in cls.tolist()],
+        }
+    )

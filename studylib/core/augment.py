@@ -4,6 +4,7 @@ Every random choice comes from an explicit torch.Generator, so a run is reproduc
 bit-for-bit. Geometry (random resized crop, flip) is one affine sampling grid per image, so an image
 and its trimap get exactly the same transform (bilinear for pixels, nearest for labels).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def random_resized_crop_boxes(n: int, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3),
-                              g: torch.Generator | None = None) -> torch.Tensor:
+def random_resized_crop_boxes(
+    n: int, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), g: torch.Generator | None = None
+) -> torch.Tensor:
     """[n, 4] boxes (cx, cy, w, h) as fractions of the image, torchvision's RandomResizedCrop
     distribution: area ~ U(scale), log aspect ~ U(log ratio); crops that do not fit are clipped
     to the image (torchvision retries then falls back to a centre crop; clipping keeps it one pass)."""
@@ -95,7 +97,7 @@ def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, g: t
     onehot = F.one_hot(y, num_classes).to(x.dtype)
     if alpha <= 0:
         return x, onehot
-    seed = int(torch.randint(2**31 - 1, (1,), generator=g))    # numpy's Beta, seeded from g
+    seed = int(torch.randint(2**31 - 1, (1,), generator=g))  # numpy's Beta, seeded from g
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     perm = torch.randperm(len(x), generator=g).to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]

@@ -1,4 +1,5 @@
 """Atomic file writes: every file of the run store appears whole or not at all."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def _atomic(path: str | Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

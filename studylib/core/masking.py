@@ -1,4 +1,5 @@
 """Masked image modelling: per-sample random masks and the L1 loss on masked patches."""
+
 from __future__ import annotations
 
 import torch
@@ -16,12 +17,18 @@ def random_masks(batch: int, grid: int, unit: int, ratio: float, g: torch.Genera
     k = int(round(ratio * m * m))
     rank = torch.rand(batch, m * m, generator=g).argsort(dim=1).argsort(dim=1)
     units = (rank < k).view(batch, m, m)
-    patches = units.repeat_interleave(unit, dim=1).repeat_interleave(unit, dim=2)   # [B, grid, grid]
+    patches = units.repeat_interleave(unit, dim=1).repeat_interleave(unit, dim=2)  # [B, grid, grid]
     return patches.reshape(batch, grid * grid)
 
 
-def mim_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch: int,
-             per_masked_count: bool = False, norm_pix: bool = False) -> torch.Tensor:
+def mim_loss(
+    pred: torch.Tensor,
+    imgs: torch.Tensor,
+    mask: torch.Tensor,
+    patch: int,
+    per_masked_count: bool = False,
+    norm_pix: bool = False,
+) -> torch.Tensor:
     """Mean absolute error over the pixels of masked patches. pred [B, N, p*p*3], imgs [B, 3, H, W]
     (already normalised), mask [B, N]. `per_masked_count` reproduces the authors' extra division by
     the number of masked patches per image. `norm_pix` (MAE's variant) standardises each target patch

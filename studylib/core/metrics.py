@@ -18,7 +18,7 @@ All reported values are fractions in [0, 1].
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -63,9 +63,7 @@ def _check_range(t: torch.Tensor, num_classes: int, name: str) -> None:
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(
-            f"{name} has values outside [0, {num_classes}): min={lo}, max={hi}"
-        )
+        raise ValueError(f"{name} has values outside [0, {num_classes}): min={lo}, max={hi}")
 
 
 def _check_labels(
@@ -79,9 +77,7 @@ def _check_labels(
     _check_integer(pred, "pred")
     _check_integer(target, "target")
     if pred.shape != target.shape:
-        raise ValueError(
-            f"shape mismatch: pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
-        )
+        raise ValueError(f"shape mismatch: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
     keep = None if ignore_index is None else target != ignore_index
     _check_range(pred if keep is None else pred[keep], num_classes, "pred")
     _check_range(target if keep is None else target[keep], num_classes, "target")
@@ -333,9 +329,7 @@ class ClassificationMeter:
         """Add a batch of logits [N, K=C] or predicted labels [N] with targets [N]."""
         pred = _to_pred(logits_or_pred, target)
         if logits_or_pred.dim() == 2 and logits_or_pred.shape[1] != self.num_classes:
-            raise ValueError(
-                f"logits have {logits_or_pred.shape[1]} columns, expected {self.num_classes}"
-            )
+            raise ValueError(f"logits have {logits_or_pred.shape[1]} columns, expected {self.num_classes}")
         self.conf += confusion_matrix(pred, target.to(pred.device), self.num_classes).cpu()
 
     def compute(self) -> dict:

@@ -3,14 +3,21 @@
 Pixel layout convention used everywhere (patchify, MIM targets, segmentation logits):
 a patch is flattened in (row, column, channel) order, i.e. [p, p, C] -> p*p*C.
 """
+
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from timm.layers import Attention, Mlp, trunc_normal_
+
+from studylib.core.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -21,7 +28,7 @@ class ViTConfig:
     dim: int = 128
     depth: int = 12
     heads: int = 8
-    head_dim: int = 64          # wider than dim // heads: the paper's attention inner width is 512
+    head_dim: int = 64  # wider than dim // heads: the paper's attention inner width is 512
     mlp_ratio: float = 4.0
     in_chans: int = 3
 
@@ -31,11 +38,11 @@ class ViTConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid ** 2
+        return self.grid**2
 
     @property
     def patch_dim(self) -> int:
-        return self.patch_size ** 2 * self.in_chans
+        return self.patch_size**2 * self.in_chans
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +74,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 def unpatchify(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
     """[B, N, p*p*C] -> [B, C, H, W]; the inverse of patchify for a square grid."""
     B, N, _ = x.shape
-    g = int(round(N ** 0.5))
+    g = int(round(N**0.5))
     x = x.reshape(B, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(B, channels, g * p, g * p)
 
@@ -117,9 +124,6 @@ class ViNy(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.apply(_init_linear)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
-
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, 3, H, W] -> patch embeddings [B, N, D] (before CLS and positions)."""
         return self.patch_embed(imgs)
@@ -140,8 +144,9 @@ class ViNy(nn.Module):
         """[B, 3, H, W] -> [B, 1+N, D], CLS first, after the final LayerNorm."""
         return self.encode(self.embed(imgs))
 
-    def forward_intermediates(self, imgs: torch.Tensor, indices: list[int] | None = None,
-                              norm: bool = True) -> list[torch.Tensor]:
+    def forward_intermediates(
+        self, imgs: torch.Tensor, indices: list[int] | None = None, norm: bool = True
+    ) -> list[torch.Tensor]:
         """Patch tokens [B, N, D] after each block in `indices` (default all), through the final
         LayerNorm when `norm` (timm's convention, so the last one equals forward_features' tokens)."""
         indices = list(range(len(self.blocks))) if indices is None else [i % len(self.blocks) for i in indices]
@@ -188,7 +193,7 @@ class Classifier(nn.Module):
         _init_linear(self.head)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(imgs)[:, 0])           # [B, K]
+        return self.head(self.encoder(imgs)[:, 0])  # [B, K]
 
 
 class Segmenter(nn.Module):
@@ -199,12 +204,12 @@ class Segmenter(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.num_classes = num_classes
-        self.head = nn.Linear(encoder.cfg.dim, encoder.cfg.patch_size ** 2 * num_classes)
+        self.head = nn.Linear(encoder.cfg.dim, encoder.cfg.patch_size**2 * num_classes)
         _init_linear(self.head)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.encoder(imgs)[:, 1:])       # [B, N, p*p*K]
-        return unpatchify(logits, self.encoder.cfg.patch_size, self.num_classes)   # [B, K, H, W]
+        logits = self.head(self.encoder(imgs)[:, 1:])  # [B, N, p*p*K]
+        return unpatchify(logits, self.encoder.cfg.patch_size, self.num_classes)  # [B, K, H, W]
 
 
 class PatchClassifier(nn.Module):
@@ -224,6 +229,28 @@ def build_encoder(name: str) -> ViNy:
     return ViNy(model_config(name))
 
 
+# ---------------------------------------------------------------- encoder files (safetensors, no pickle)
+
+
+def save_encoder(path: str | Path, encoder: ViNy, meta: dict) -> None:
+    """Write the encoder's weights with its config and `meta` (JSON values) in the file's metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    meta = {"config": json.dumps(encoder.cfg.to_dict()), **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_encoder(path: str | Path) -> ViNy:
+    """Rebuild an encoder from its safetensors file (config in the metadata; nothing is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder file {path} not found; run its stage first")
+    with safe_open(path, "pt") as f:
+        cfg = ViTConfig(**json.loads(f.metadata()["config"]))
+    enc = ViNy(cfg)
+    enc.load_state_dict(load_file(path))
+    return enc
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -232,18 +259,28 @@ def layer_summary(name: str) -> str:
     """A table of the encoder's modules and parameter counts, then the three heads."""
     enc = build_encoder(name)
     cfg = enc.cfg
-    rows = [("patch_embed (LN-Linear-LN)", count_params(enc.patch_embed)),
-            ("cls_token", enc.cls_token.numel()), ("pos_embed", enc.pos_embed.numel())]
-    rows += [(f"blocks.{i} (attn {cfg.heads}x{cfg.head_dim}, mlp {int(cfg.dim * cfg.mlp_ratio)})", count_params(b))
-             for i, b in enumerate(enc.blocks)]
+    rows = [
+        ("patch_embed (LN-Linear-LN)", count_params(enc.patch_embed)),
+        ("cls_token", enc.cls_token.numel()),
+        ("pos_embed", enc.pos_embed.numel()),
+    ]
+    rows += [
+        (f"blocks.{i} (attn {cfg.heads}x{cfg.head_dim}, mlp {int(cfg.dim * cfg.mlp_ratio)})", count_params(b))
+        for i, b in enumerate(enc.blocks)
+    ]
     rows.append(("norm", count_params(enc.norm)))
     total = count_params(enc)
-    heads = [("MIM head + mask token", count_params(MaskedImageModel(enc)) - total),
-             ("classification head (6 classes)", count_params(Classifier(enc, 6)) - total),
-             ("segmentation head (3 classes)", count_params(Segmenter(enc, 3)) - total)]
+    heads = [
+        ("MIM head + mask token", count_params(MaskedImageModel(enc)) - total),
+        ("classification head (6 classes)", count_params(Classifier(enc, 6)) - total),
+        ("segmentation head (3 classes)", count_params(Segmenter(enc, 3)) - total),
+    ]
     width = max(len(r[0]) for r in rows + heads) + 2
-    lines = [f"{name}: {cfg.img_size}px, patch {cfg.patch_size}, {cfg.grid}x{cfg.grid} grid, width {cfg.dim}, "
-             f"depth {cfg.depth}", ""]
+    lines = [
+        f"{name}: {cfg.img_size}px, patch {cfg.patch_size}, {cfg.grid}x{cfg.grid} grid, width {cfg.dim}, "
+        f"depth {cfg.depth}",
+        "",
+    ]
     lines += [f"{n:<{width}}{c:>12,}" for n, c in rows]
     lines += ["-" * (width + 12), f"{'encoder total':<{width}}{total:>12,}", ""]
     lines += [f"{n:<{width}}{c:>12,}" for n, c in heads]

@@ -5,16 +5,17 @@ A stage supplies `step(idx, g) -> loss` for a batch of dataset indices and the e
 The data order and every random draw of an epoch come from a generator seeded by (seed, epoch),
 so resuming from the checkpoint after epoch e reproduces an uninterrupted run exactly.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -37,13 +38,13 @@ class Schedule:
     batch_size: int
     lr: float
     weight_decay: float = 0.0
-    milestones: list[float] = field(default_factory=list)   # fractions of epochs
+    milestones: list[float] = field(default_factory=list)  # fractions of epochs
     gamma: float = 0.1
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule: multiply by gamma at each milestone epoch (round(fraction * epochs))."""
         drops = sum(epoch >= round(m * self.epochs) for m in self.milestones)
-        return self.lr * self.gamma ** drops
+        return self.lr * self.gamma**drops
 
 
 def progress_enabled() -> bool:
@@ -77,11 +78,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, sched: Schedule, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, sched.weight_decay), lr=sched.lr,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups(model, sched.weight_decay), lr=sched.lr, fused=device.type == "cuda")
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors, no pickle)
+
 
 def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -109,9 +110,18 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 # ---------------------------------------------------------------- the loop
 
-def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
-        n_train: int, sched: Schedule, seed: int, run_dir: str | Path, device: torch.device,
-        desc: str = "train", on_epoch_end: Callable[[int, dict], None] | None = None) -> list[dict]:
+
+def fit(
+    model: torch.nn.Module,
+    step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    n_train: int,
+    sched: Schedule,
+    seed: int,
+    run_dir: str | Path,
+    device: torch.device,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Train for sched.epochs, resuming from run_dir/checkpoint.safetensors when present.
     Returns the per-epoch log (also appended to run_dir/train_log.jsonl)."""
     run_dir = Path(run_dir)
@@ -127,8 +137,13 @@ def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], 
     atomic_write_text(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in history))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     steps_per_epoch = -(-n_train // sched.batch_size)
-    bar = tqdm(total=sched.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc,
-               disable=not progress_enabled(), leave=False)
+    bar = tqdm(
+        total=sched.epochs * steps_per_epoch,
+        initial=start * steps_per_epoch,
+        desc=desc,
+        disable=not progress_enabled(),
+        leave=False,
+    )
     for epoch in range(start, sched.epochs):
         lr = sched.lr_at(epoch)
         for group in opt.param_groups:
@@ -137,13 +152,15 @@ def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], 
         order = torch.randperm(n_train, generator=g)
         t0, total, count = time.time(), 0.0, 0
         for b in range(steps_per_epoch):
-            idx = order[b * sched.batch_size:(b + 1) * sched.batch_size]
+            idx = order[b * sched.batch_size : (b + 1) * sched.batch_size]
             with amp:
                 loss = step(idx, g)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
-                                    f"the checkpoint of epoch {epoch} is kept. Lower the learning "
-                                    f"rate or check the inputs, then rerun to resume.")
+                raise NonFiniteLoss(
+                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
+                    f"the checkpoint of epoch {epoch} is kept. Lower the learning "
+                    f"rate or check the inputs, then rerun to resume."
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,25 +178,3 @@ def fit(model: torch.nn.Module, step: Callable[[torch.Tensor, torch.Generator], 
     bar.close()
     model.eval()
     return history
-
-
-# ---------------------------------------------------------------- encoders between stages
-
-def save_encoder(path: str | Path, encoder: torch.nn.Module, meta: dict) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    meta = {"config": json.dumps(encoder.cfg.to_dict()), **{k: json.dumps(v) for k, v in meta.items()}}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
-
-
-def load_encoder(path: str | Path):
-    """Rebuild an encoder from its safetensors file (config in the metadata; nothing is unpickled)."""
-
-    from studylib.core.model import ViNy, ViTConfig
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder file {path} not found; run its stage first")
-    with safe_open(path, "pt") as f:
-        cfg = ViTConfig(**json.loads(f.metadata()["config"]))
-    enc = ViNy(cfg)
-    enc.load_state_dict(load_file(path))
-    return enc

@@ -4,6 +4,7 @@ Reads every file's header (and decodes it, to find the unreadable ones): sample 
 and class, the trimap value set, image size range, colour modes, formats that disagree with the
 file extension, and unreadable files.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,11 +14,19 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir, list_images, pets_root, read_pets_list
 from studylib.core.train import progress_enabled
+from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir, list_images, pets_root, read_pets_list
 
-EXTENSION_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-                     ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 class _Survey:
@@ -47,11 +56,18 @@ class _Survey:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     def report(self) -> dict:
-        size = ({"width": [min(self.widths), max(self.widths)], "height": [min(self.heights), max(self.heights)]}
-                if self.widths else None)
-        return {"image_size_range": size, "colour_modes": dict(sorted(self.modes.items())),
-                "formats": dict(sorted(self.formats.items())), "format_not_matching_extension": self.mismatched,
-                "unreadable": self.unreadable}
+        size = (
+            {"width": [min(self.widths), max(self.widths)], "height": [min(self.heights), max(self.heights)]}
+            if self.widths
+            else None
+        )
+        return {
+            "image_size_range": size,
+            "colour_modes": dict(sorted(self.modes.items())),
+            "formats": dict(sorted(self.formats.items())),
+            "format_not_matching_extension": self.mismatched,
+            "unreadable": self.unreadable,
+        }
 
 
 def _bar(items, desc):
@@ -66,24 +82,32 @@ def check_pets(root: str | Path) -> dict:
         entries = read_pets_list(root, split)
         listed |= {n for n, _ in entries}
         breeds = Counter(n.rsplit("_", 1)[0] for n, _ in entries)
-        splits[split] = {"samples": len(entries), "breeds": dict(sorted(breeds.items())),
-                         "class_ids": sorted({c + 1 for _, c in entries})}
+        splits[split] = {
+            "samples": len(entries),
+            "breeds": dict(sorted(breeds.items())),
+            "class_ids": sorted({c + 1 for _, c in entries}),
+        }
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     for p in _bar(images, "pets images"):
         survey.add(p)
     for p in _bar(sorted((root / "annotations" / "trimaps").glob("*.png")), "trimaps"):
-        if p.name.startswith("._"):   # macOS resource forks shipped in the official archive
+        if p.name.startswith("._"):  # macOS resource forks shipped in the official archive
             continue
         try:
             with Image.open(p) as im:
                 trimap_values |= set(np.unique(np.asarray(im)).tolist())
         except Exception as e:
             survey.unreadable.append({"file": survey._rel(p), "error": f"{type(e).__name__}: {e}"})
-    return {"kind": "pets", "root": str(root), "splits": splits,
-            "breeds": len(set().union(*(s["breeds"] for s in splits.values()))),
-            "images_in_folder": len(images),
-            "images_in_no_split": sorted(p.stem for p in images if p.stem not in listed),
-            "trimap_values": sorted(trimap_values), **survey.report()}
+    return {
+        "kind": "pets",
+        "root": str(root),
+        "splits": splits,
+        "breeds": len(set().union(*(s["breeds"] for s in splits.values()))),
+        "images_in_folder": len(images),
+        "images_in_no_split": sorted(p.stem for p in images if p.stem not in listed),
+        "trimap_values": sorted(trimap_values),
+        **survey.report(),
+    }
 
 
 def check_intel(root: str | Path) -> dict:
@@ -100,8 +124,13 @@ def check_intel(root: str | Path) -> dict:
             for p in _bar(files, f"intel {split}/{c}"):
                 survey.add(p)
         splits[split] = {"samples": sum(counts.values()), "classes": counts}
-    return {"kind": "intel", "root": str(root), "splits": splits,
-            "classes": sorted(set().union(*(s["classes"] for s in splits.values()))), **survey.report()}
+    return {
+        "kind": "intel",
+        "root": str(root),
+        "splits": splits,
+        "classes": sorted(set().union(*(s["classes"] for s in splits.values()))),
+        **survey.report(),
+    }
 
 
 def check_images(root: str | Path) -> dict:

@@ -1,4 +1,5 @@
 """`study data get`: fetch a dataset when the user asks for it (never needed by tests or the demo)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ from pathlib import Path
 def get_pets(root: str | Path) -> Path:
     """Oxford-IIIT Pet through torchvision (images + trimaps + split lists) -> root/oxford-iiit-pet."""
     from torchvision.datasets import OxfordIIITPet
+
     OxfordIIITPet(str(root), split="trainval", target_types="segmentation", download=True)
     return Path(root) / "oxford-iiit-pet"
 

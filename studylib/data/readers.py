@@ -9,11 +9,10 @@ Images are decoded by content (a GIF or PNG named .jpg is fine), converted to RG
 study resolution. Arrays are channel-first uint8 tensors: images [N, 3, S, S], trimaps [N, S, S]
 with classes 0 pet, 1 background, 2 boundary (the trimap values 1, 2, 3 minus one).
 """
+
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from studylib.core.files import atomic_save_npy, atomic_write_json, read_json
+from studylib.data.sources import default_cache_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 INTEL_CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
@@ -35,16 +35,17 @@ class DataError(ValueError):
 
 @dataclass
 class SegData:
-    images: torch.Tensor      # [N, 3, S, S] uint8
-    masks: torch.Tensor       # [N, S, S] uint8, classes 0..2
+    images: torch.Tensor  # [N, 3, S, S] uint8
+    masks: torch.Tensor  # [N, S, S] uint8, classes 0..2
     names: list[str]
-    labels: torch.Tensor      # [N] breed class 0..36
-    skipped: list[str] = field(default_factory=list)   # unreadable files left out
+    labels: torch.Tensor  # [N] breed class 0..36
+    skipped: list[str] = field(default_factory=list)  # unreadable files left out
 
-    def subset(self, idx) -> "SegData":
+    def subset(self, idx) -> SegData:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return SegData(self.images[idx], self.masks[idx], [self.names[i] for i in idx.tolist()], self.labels[idx],
-                       self.skipped)
+        return SegData(
+            self.images[idx], self.masks[idx], [self.names[i] for i in idx.tolist()], self.labels[idx], self.skipped
+        )
 
     def __len__(self) -> int:
         return len(self.names)
@@ -52,8 +53,8 @@ class SegData:
 
 @dataclass
 class ClassData:
-    images: torch.Tensor      # [N, 3, S, S] uint8
-    labels: torch.Tensor      # [N] long
+    images: torch.Tensor  # [N, 3, S, S] uint8
+    labels: torch.Tensor  # [N] long
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
 
@@ -63,6 +64,7 @@ class ClassData:
 
 # ---------------------------------------------------------------- decoding and the cache
 
+
 def decode_image(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Decode any image file by content to RGB [S, S, 3] uint8."""
     try:
@@ -70,8 +72,10 @@ def decode_image(path: Path, size: int, interpolation: str = "bilinear") -> np.n
             im = im.convert("RGB")
             return np.asarray(im.resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or set "
-                        f"data.skip_unreadable: true to skip unreadable files.") from None
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
 
 
 def decode_trimap(path: Path, size: int) -> np.ndarray:
@@ -80,16 +84,16 @@ def decode_trimap(path: Path, size: int) -> np.ndarray:
         with Image.open(path) as im:
             arr = np.asarray(im.resize((size, size), Image.NEAREST))
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read trimap {path}: {e}. Replace or delete the file, or set "
-                        f"data.skip_unreadable: true to skip unreadable files.") from None
+        raise DataError(
+            f"cannot read trimap {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
     if arr.ndim != 2 or arr.min() < 1 or arr.max() > 3:
-        raise DataError(f"trimap {path} must be single-channel with values 1, 2, 3; "
-                        f"got shape {arr.shape} and values {np.unique(arr)[:8].tolist()}")
+        raise DataError(
+            f"trimap {path} must be single-channel with values 1, 2, 3; "
+            f"got shape {arr.shape} and values {np.unique(arr)[:8].tolist()}"
+        )
     return (arr - 1).astype(np.uint8)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("STUDYLIB_CACHE", Path.home() / ".cache" / "studylib"))
 
 
 def _cache_key(paths: list[Path], what: str) -> str:
@@ -101,8 +105,9 @@ def _cache_key(paths: list[Path], what: str) -> str:
     return h.hexdigest()[:20]
 
 
-def cached_stack(paths: list[Path], what: str, decode, cache_dir: str | Path | None,
-                 empty_shape: tuple = (0,), skip: bool = False) -> tuple[np.ndarray, list[int]]:
+def cached_stack(
+    paths: list[Path], what: str, decode, cache_dir: str | Path | None, empty_shape: tuple = (0,), skip: bool = False
+) -> tuple[np.ndarray, list[int]]:
     """Decode every path with `decode` and stack; reuse the cached array when the sources and `what`
     (resolution, interpolation, kind) are unchanged. Returns the array and the indices of unreadable
     files: with `skip` their rows are zeros (callers drop them), without it the first one is an error."""
@@ -127,6 +132,7 @@ def _decode_all(paths: list[Path], decode, name: str, skip: bool):
     from tqdm.auto import tqdm
 
     from studylib.core.train import progress_enabled
+
     rows, bad = [], []
     for i, p in enumerate(tqdm(paths, desc=f"decoding {name}", disable=not progress_enabled(), leave=False)):
         try:
@@ -148,13 +154,16 @@ def _chw(arr: np.ndarray) -> torch.Tensor:
 
 # ---------------------------------------------------------------- Oxford-IIIT Pet
 
+
 def pets_root(root: str | Path) -> Path:
     root = Path(root)
     for cand in (root, root / "oxford-iiit-pet"):
         if (cand / "images").is_dir() and (cand / "annotations" / "trimaps").is_dir():
             return cand
-    raise DataError(f"no Oxford-IIIT Pet layout under {root}: expected images/ and annotations/trimaps/ "
-                    f"(or oxford-iiit-pet/images/). Set data.pets to the dataset folder.")
+    raise DataError(
+        f"no Oxford-IIIT Pet layout under {root}: expected images/ and annotations/trimaps/ "
+        f"(or oxford-iiit-pet/images/). Set data.pets to the dataset folder."
+    )
 
 
 def read_pets_list(root: Path, split: str) -> list[tuple[str, int]]:
@@ -171,8 +180,14 @@ def read_pets_list(root: Path, split: str) -> list[tuple[str, int]]:
     return out
 
 
-def load_pets(root: str | Path, split: str, size: int, interpolation: str = "bilinear",
-              cache_dir: str | Path | None = None, skip: bool = False) -> SegData:
+def load_pets(
+    root: str | Path,
+    split: str,
+    size: int,
+    interpolation: str = "bilinear",
+    cache_dir: str | Path | None = None,
+    skip: bool = False,
+) -> SegData:
     """One official split ('trainval' or 'test') at size x size."""
     root = pets_root(root)
     entries = read_pets_list(root, split)
@@ -181,15 +196,27 @@ def load_pets(root: str | Path, split: str, size: int, interpolation: str = "bil
     for t in tris:
         if not t.is_file():
             raise DataError(f"missing trimap {t} for an image listed in {split}.txt")
-    images, bad_img = cached_stack(imgs, f"pets-img|{size}|{interpolation}",
-                                   lambda p: decode_image(p, size, interpolation), cache_dir, (0, size, size, 3), skip)
-    masks, bad_tri = cached_stack(tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir,
-                                  (0, size, size), skip)
+    images, bad_img = cached_stack(
+        imgs,
+        f"pets-img|{size}|{interpolation}",
+        lambda p: decode_image(p, size, interpolation),
+        cache_dir,
+        (0, size, size, 3),
+        skip,
+    )
+    masks, bad_tri = cached_stack(
+        tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir, (0, size, size), skip
+    )
     bad = set(bad_img) | set(bad_tri)
     keep = [i for i in range(len(entries)) if i not in bad]
     labels = torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
-    return SegData(_chw(images[keep]), torch.from_numpy(masks[keep]), [entries[i][0] for i in keep], labels,
-                   [str(imgs[i]) for i in sorted(bad)])
+    return SegData(
+        _chw(images[keep]),
+        torch.from_numpy(masks[keep]),
+        [entries[i][0] for i in keep],
+        labels,
+        [str(imgs[i]) for i in sorted(bad)],
+    )
 
 
 def _find_image(folder: Path, name: str) -> Path:
@@ -204,19 +231,22 @@ def _find_image(folder: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- Intel scenes
 
+
 def intel_split_dir(root: str | Path, split: str) -> Path:
     """seg_train/ or Kaggle's doubly nested seg_train/seg_train/."""
     base = Path(root) / f"seg_{split}"
     if (base / f"seg_{split}").is_dir():
         base = base / f"seg_{split}"
     if not base.is_dir():
-        raise DataError(f"no Intel layout under {root}: expected seg_{split}/<class>/*.jpg. "
-                        f"Set data.intel to the dataset folder.")
+        raise DataError(
+            f"no Intel layout under {root}: expected seg_{split}/<class>/*.jpg. Set data.intel to the dataset folder."
+        )
     return base
 
 
-def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | None = None,
-               skip: bool = False) -> ClassData:
+def load_intel(
+    root: str | Path, split: str, size: int, cache_dir: str | Path | None = None, skip: bool = False
+) -> ClassData:
     base = intel_split_dir(root, split)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
@@ -226,14 +256,17 @@ def load_intel(root: str | Path, split: str, size: int, cache_dir: str | Path | 
         files = sorted(p for p in (base / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += files
         labels += [k] * len(files)
-    images, bad = cached_stack(paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
-                               (0, size, size, 3), skip)
+    images, bad = cached_stack(
+        paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
+    )
     keep = [i for i in range(len(paths)) if i not in set(bad)]
-    return ClassData(_chw(images[keep]), torch.tensor(labels, dtype=torch.long)[keep], classes,
-                     [str(paths[i]) for i in bad])
+    return ClassData(
+        _chw(images[keep]), torch.tensor(labels, dtype=torch.long)[keep], classes, [str(paths[i]) for i in bad]
+    )
 
 
 # ---------------------------------------------------------------- unlabeled images
+
 
 def list_images(root: str | Path) -> list[Path]:
     root = Path(root)
@@ -247,18 +280,22 @@ def nested_subset(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_total)[:n]
 
 
-def load_image_set(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None,
-                   skip: bool = False) -> ClassData:
+def load_image_set(
+    root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None, skip: bool = False
+) -> ClassData:
     """A seeded, nested subset of n unlabeled images -> images [m, 3, S, S] uint8 (m = n less any
     unreadable files when skipping); labels are the subset's positions in the sorted file list."""
     paths = list_images(root)
     if n > len(paths):
-        raise DataError(f"{n} pre-training images requested but {root} holds {len(paths)}; "
-                        f"lower grid.pretrain_sizes or point data.images at a larger folder")
+        raise DataError(
+            f"{n} pre-training images requested but {root} holds {len(paths)}; "
+            f"lower grid.pretrain_sizes or point data.images at a larger folder"
+        )
     order = sorted(nested_subset(len(paths), n, seed))
     chosen = [paths[i] for i in order]
-    arr, bad = cached_stack(chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir,
-                            (0, size, size, 3), skip)
+    arr, bad = cached_stack(
+        chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
+    )
     keep = [i for i in range(len(chosen)) if i not in set(bad)]
     return ClassData(_chw(arr[keep]), torch.tensor(order, dtype=torch.long)[keep], [], [str(chosen[i]) for i in bad])
 

@@ -7,6 +7,7 @@ ignores interrupts too), and NotebookTimeout says which cell, how long, and what
 to papermill over IPC sockets in a private temporary folder: no TCP ports, and no warning about
 unencrypted TCP in every run's output.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 from traitlets import default
 
 TRAINING_TAG = "training"
-CELL_TIMEOUT = 600          # seconds for any cell that does not train: loading, tables, figures
+CELL_TIMEOUT = 600  # seconds for any cell that does not train: loading, tables, figures
 
 
 class NotebookTimeout(RuntimeError):
@@ -45,8 +46,14 @@ def _cell_name(cell) -> str:
     return first.strip()[:60]
 
 
-def run_notebook(source: str | Path, out: str | Path, parameters: dict, cell_timeout: float = CELL_TIMEOUT,
-                 training_timeout: float | None = None, start_timeout: float = 120) -> None:
+def run_notebook(
+    source: str | Path,
+    out: str | Path,
+    parameters: dict,
+    cell_timeout: float = CELL_TIMEOUT,
+    training_timeout: float | None = None,
+    start_timeout: float = 120,
+) -> None:
     """Execute `source` with `parameters` into `out` (written as it goes). Raises NotebookTimeout when a
     cell runs past its limit (`training_timeout` for cells tagged `training`, default cell_timeout)."""
     import papermill as pm
@@ -60,17 +67,26 @@ def run_notebook(source: str | Path, out: str | Path, parameters: dict, cell_tim
 
     folder = Path(tempfile.mkdtemp(prefix="studylib-kernel-"))
     try:
-        pm.execute_notebook(str(source), str(out), parameters=parameters, kernel_name="python3",
-                            progress_bar=False, start_timeout=start_timeout, execution_timeout=cell_timeout,
-                            timeout_func=limit, kernel_manager_class=_ipc_kernel_manager(folder),
-                            shutdown_kernel="immediate")   # nbclient owns the kernel: killed on any exit
-    except TimeoutError as e:   # nbclient's CellTimeoutError and its reply timeouts are TimeoutErrors
+        pm.execute_notebook(
+            str(source),
+            str(out),
+            parameters=parameters,
+            kernel_name="python3",
+            progress_bar=False,
+            start_timeout=start_timeout,
+            execution_timeout=cell_timeout,
+            timeout_func=limit,
+            kernel_manager_class=_ipc_kernel_manager(folder),
+            shutdown_kernel="immediate",
+        )  # nbclient owns the kernel: killed on any exit
+    except TimeoutError as e:  # nbclient's CellTimeoutError and its reply timeouts are TimeoutErrors
         cell = running.get("cell")
         what = f"cell {_cell_name(cell)!r}" if cell is not None else "the kernel"
         seconds = limit(cell) if cell is not None else cell_timeout
         raise NotebookTimeout(
             f"{Path(source).name}: {what} did not finish within {seconds:.0f} s, so its kernel was killed "
             f"({type(e).__name__}). If the work is just slow, raise `timeouts.training` or `timeouts.cell` in "
-            f"the parameter file; otherwise run the same command again: finished work is kept.") from None
+            f"the parameter file; otherwise run the same command again: finished work is kept."
+        ) from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -4,6 +4,7 @@ A run's id is a hash of its stage, its resolved parameters and its parent's id, 
 gets the same id (an intermediate run is shared by every downstream run of its encoder and seed,
 and a finished run is never redone), while any change of a parameter or an ancestor makes a new id.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +21,16 @@ NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.i
 @dataclass
 class Run:
     stage: str
-    params: dict                  # what the stage notebook receives (besides run_dir, parent_dir, device)
-    parent: "Run | None" = None
-    labels: dict = field(default_factory=dict)   # where the run sits in the grid, for the tables
+    params: dict  # what the stage notebook receives (besides run_dir, parent_dir, device)
+    parent: Run | None = None
+    labels: dict = field(default_factory=dict)  # where the run sits in the grid, for the tables
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"stage": self.stage, "params": self.params,
-                           "parent": self.parent.id if self.parent else None}, sort_keys=True)
+        blob = json.dumps(
+            {"stage": self.stage, "params": self.params, "parent": self.parent.id if self.parent else None},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def dir(self, runs: str | Path) -> Path:
@@ -62,25 +65,48 @@ def plan(cfg: StudyConfig) -> list[Run]:
         for p_size in g.pretrain_sizes:
             pre = None
             if p_size:
-                pre = add(Run("pretrain", {**common, "settings": asdict(cfg.pretrain), "size": p_size, "seed": seed},
-                              labels={"pretrain_size": p_size, "seed": seed}))
+                pre = add(
+                    Run(
+                        "pretrain",
+                        {**common, "settings": asdict(cfg.pretrain), "size": p_size, "seed": seed},
+                        labels={"pretrain_size": p_size, "seed": seed},
+                    )
+                )
             for arm in g.intermediate:
                 if arm != "none" and pre is None:
-                    continue          # the intermediate stage is only applied to pre-trained encoders
+                    continue  # the intermediate stage is only applied to pre-trained encoders
                 for f_size in g.finetune_sizes:
                     parent = pre
                     if arm != "none":
                         params = {**common, "settings": asdict(cfg.intermediate), "seed": seed, "arm": arm}
-                        if arm != "intel":        # Pets arms: the downstream split defines their images
-                            params["pets_split"] = {k: asdict(cfg.segment)[k]
-                                                    for k in ("split", "test_size", "interpolation")}
-                        if not cfg.intermediate.share:   # the authors' pipeline: one per downstream run
+                        if arm != "intel":  # Pets arms: the downstream split defines their images
+                            params["pets_split"] = {
+                                k: asdict(cfg.segment)[k] for k in ("split", "test_size", "interpolation")
+                            }
+                        if not cfg.intermediate.share:  # the authors' pipeline: one per downstream run
                             params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}
-                        parent = add(Run("intermediate", params, parent=pre,
-                                         labels={"pretrain_size": p_size, "arm": arm, "seed": seed}))
-                    add(Run("segment", {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
-                            parent=parent, labels={"protocol": cfg.protocol, "pretrain_size": p_size,
-                                                   "intermediate": arm, "finetune_size": f_size, "seed": seed}))
+                        parent = add(
+                            Run(
+                                "intermediate",
+                                params,
+                                parent=pre,
+                                labels={"pretrain_size": p_size, "arm": arm, "seed": seed},
+                            )
+                        )
+                    add(
+                        Run(
+                            "segment",
+                            {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
+                            parent=parent,
+                            labels={
+                                "protocol": cfg.protocol,
+                                "pretrain_size": p_size,
+                                "intermediate": arm,
+                                "finetune_size": f_size,
+                                "seed": seed,
+                            },
+                        )
+                    )
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
 
 
@@ -91,9 +117,11 @@ def image_steps(run: Run) -> int:
         return run.params["size"] * epochs
     data = run.params["data"]
     if data["kind"] == "synthetic":
-        from studylib.data.sources import synth_spec
         from studylib.data.readers import INTEL_CLASSES
+        from studylib.data.sources import synth_spec
+
         return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES) * epochs
     from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir
+
     base = intel_split_dir(data["intel"], "train")
     return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in base.rglob("*")) * epochs

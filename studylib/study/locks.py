@@ -1,5 +1,6 @@
 """A lock per run folder that dies with its holder: fcntl.flock is released by the kernel when the
 process exits, however it exits (SIGKILL included), so a crashed runner never blocks the run forever."""
+
 from __future__ import annotations
 
 import fcntl
@@ -31,7 +32,7 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

@@ -1,9 +1,10 @@
 """Execute a plan: each stage run is its stage notebook, executed by papermill into the run folder.
 
-Finished runs (metrics.json present) are skipped; a failed run is recorded in error.json with its
+Finished runs (store.RunFolder.is_done) are skipped; a failed run is recorded in error.json with its
 traceback, its dependents are skipped, and the rest go on. An interrupted run resumes from its
 epoch checkpoint the next time.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from studylib.core.files import atomic_write_json
+from studylib.core.train import progress_enabled
 from studylib.study import provenance
 from studylib.study.execution import CELL_TIMEOUT, run_notebook
 from studylib.study.grid import NOTEBOOKS, STAGES, Run, image_steps
 from studylib.study.locks import RunLock
-from studylib.core.files import atomic_write_json, read_json
-from studylib.core.train import progress_enabled
+from studylib.study.store import RUNNER_LOCK, RunFolder
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # the notebooks travel inside the installed package (studylib/notebooks); an editable install or a
@@ -30,30 +32,32 @@ NOTEBOOK_DIR = PACKAGE_DIR / "notebooks" if (PACKAGE_DIR / "notebooks").is_dir()
 
 @dataclass
 class Summary:
-    done: list[str] = field(default_factory=list)      # finished before this call
+    done: list[str] = field(default_factory=list)  # finished before this call
     ran: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)   # a parent failed
-    elsewhere: list[str] = field(default_factory=list) # finished by another runner meanwhile
+    blocked: list[str] = field(default_factory=list)  # a parent failed
+    elsewhere: list[str] = field(default_factory=list)  # finished by another runner meanwhile
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.blocked
 
     def line(self) -> str:
-        return (f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.elsewhere)} finished by another "
-                f"runner, {len(self.failed)} failed, {len(self.blocked)} skipped because a parent failed")
-
-
-def is_done(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").exists()
+        return (
+            f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.elsewhere)} finished by another "
+            f"runner, {len(self.failed)} failed, {len(self.blocked)} skipped because a parent failed"
+        )
 
 
 def notebook_parameters(run: Run, runs: Path, device: str, cache: str) -> dict:
     params = dict(run.params)
     params["data"] = {**params["data"], "cache": cache}
-    return {**params, "run_dir": str(run.dir(runs).resolve()), "device": device,
-            "parent_dir": str(run.parent.dir(runs).resolve()) if run.parent else ""}
+    return {
+        **params,
+        "run_dir": str(run.dir(runs).resolve()),
+        "device": device,
+        "parent_dir": str(run.parent.dir(runs).resolve()) if run.parent else "",
+    }
 
 
 # The slowest training we expect, in image-steps per second, by model and device (several times below
@@ -68,57 +72,65 @@ def training_timeout(run: Run, device: str, timeouts: dict | None = None) -> flo
         return float(timeouts["training"])
     if device == "auto":
         import torch
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rate = SLOWEST_RATE.get((run.params["model"], device), 4.0)
     return 1800.0 + image_steps(run) / rate
 
 
-def execute_run(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR,
-                timeouts: dict | None = None) -> None:
+def execute_run(
+    run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR, timeouts: dict | None = None
+) -> None:
     d = run.dir(runs)
     d.mkdir(parents=True, exist_ok=True)
     params = notebook_parameters(run, runs, device, cache)
-    atomic_write_json(d / "params.json", {"stage": run.stage, "id": run.id, "labels": run.labels,
-                                          "parent": run.parent.id if run.parent else None, "parameters": params})
-    partial = d / ".notebook.partial.ipynb"   # papermill saves as it goes: publish only whole notebooks
+    RunFolder(d).write_record(run, params)
+    partial = d / ".notebook.partial.ipynb"  # papermill saves as it goes: publish only whole notebooks
     try:
-        run_notebook(notebooks / NOTEBOOKS[run.stage], partial, params,  # no cwd=: papermill's chdir is process-wide
-                     cell_timeout=(timeouts or {}).get("cell") or CELL_TIMEOUT,
-                     training_timeout=training_timeout(run, device, timeouts))
+        run_notebook(
+            notebooks / NOTEBOOKS[run.stage],
+            partial,
+            params,  # no cwd=: papermill's chdir is process-wide
+            cell_timeout=(timeouts or {}).get("cell") or CELL_TIMEOUT,
+            training_timeout=training_timeout(run, device, timeouts),
+        )
     except BaseException:
         if partial.exists():
             os.replace(partial, d / "notebook-failed.ipynb")
         raise
     os.replace(partial, d / "notebook.ipynb")
-    if not is_done(d):
-        raise RuntimeError(f"the {run.stage} notebook finished without writing metrics.json")
+    if not RunFolder(d).is_done:
+        raise RuntimeError(f"the {run.stage} notebook finished without writing its results (metrics, encoder, head)")
 
 
 def _record_failure(run: Run, runs: Path, e: Exception) -> str:
-    atomic_write_json(run.dir(runs) / "error.json", {"error": f"{type(e).__name__}: {e}"[:4000],
-                                                     "traceback": traceback.format_exc()})
+    RunFolder.of(run, runs).record_failure(f"{type(e).__name__}: {e}", traceback.format_exc())
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
 
-def attempt(run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR,
-            timeouts: dict | None = None):
+def attempt(
+    run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR, timeouts: dict | None = None
+):
     """Execute one run under its lock -> (status, message, seconds); status is 'ran', 'failed' or
     'elsewhere' (another runner finished it while this one waited for the lock). Never raises."""
-    os.environ["STUDYLIB_PROGRESS"] = "0"   # kernels inherit these: no bars in executed notebooks,
-    os.environ["STUDYLIB_CACHE"] = cache    # and the store's cache, where synthetic data goes too
+    os.environ["STUDYLIB_PROGRESS"] = "0"  # kernels inherit this: no bars in executed notebooks
     d, t0 = run.dir(runs), time.time()
-    with RunLock(d, ".runner.lock"):
-        if is_done(d):
+    folder = RunFolder(d)
+    with RunLock(d, RUNNER_LOCK):
+        if folder.is_done:
             return "elsewhere", None, 0.0
         try:
             execute_run(run, runs, device, cache, notebooks, timeouts)
         except Exception as e:  # recorded, never raised: one bad run must not lose the others
             return "failed", _record_failure(run, runs, e), time.time() - t0
-        metrics = read_json(d / "metrics.json", {})
-        atomic_write_json(d / "provenance.json", provenance.record(
-            PACKAGE_DIR, run.params.get("seed"), metrics.get("device", device), t0, time.time()))
-        (d / "error.json").unlink(missing_ok=True)
+        atomic_write_json(
+            d / "provenance.json",
+            provenance.record(
+                PACKAGE_DIR, run.params.get("seed"), folder.metrics.get("device", device), t0, time.time()
+            ),
+        )
+        folder.clear_failure()
     return "ran", None, time.time() - t0
 
 
@@ -126,8 +138,8 @@ class _Book:
     """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked."""
 
     def __init__(self, plan: list[Run], runs: Path, echo):
-        self.summary = Summary(done=[r.id for r in plan if is_done(r.dir(runs))])
-        self.pending = [r for r in plan if not is_done(r.dir(runs))]
+        self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, runs).is_done])
+        self.pending = [r for r in plan if r.id not in set(self.summary.done)]
         self.finished, self.bad, self.echo = set(self.summary.done), set(), echo
         self.bar = tqdm(total=len(self.pending), desc="runs", disable=not progress_enabled())
 
@@ -154,9 +166,18 @@ class _Book:
             self.echo(f"{'done' if status == 'ran' else 'finished elsewhere'} {run.describe()} in {seconds:.1f}s")
 
 
-def execute(plan: list[Run], runs: str | Path, device: str = "auto", cache: str = "", workers: int = 1,
-            executor: str = "local", cluster: dict | None = None, notebooks: Path = NOTEBOOK_DIR,
-            echo=print, timeouts: dict | None = None) -> Summary:
+def execute(
+    plan: list[Run],
+    runs: str | Path,
+    device: str = "auto",
+    cache: str = "",
+    workers: int = 1,
+    executor: str = "local",
+    cluster: dict | None = None,
+    notebooks: Path = NOTEBOOK_DIR,
+    echo=print,
+    timeouts: dict | None = None,
+) -> Summary:
     """Run every unfinished run of the plan, each after its parent. `executor`: 'local' (up to
     `workers` runs at once on this machine), 'slurm' (a submitit job array per stage; `cluster` holds
     submitit parameters such as slurm_partition, gpus_per_node, timeout_min) or 'submitit-local'
@@ -175,8 +196,9 @@ def execute(plan: list[Run], runs: str | Path, device: str = "auto", cache: str 
     return book.summary
 
 
-def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: int, notebooks: Path,
-                   timeouts: dict | None) -> None:
+def _execute_local(
+    book: _Book, runs: Path, device: str, cache: str, workers: int, notebooks: Path, timeouts: dict | None
+) -> None:
     # share the cores between concurrent kernels instead of oversubscribing them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -190,7 +212,7 @@ def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: in
                     book.pending.remove(run)
                     running[pool.submit(attempt, run, runs, device, cache, notebooks, timeouts)] = run
             if not running:
-                if book.pending:   # cannot happen for a plan from grid.plan: parents always come first
+                if book.pending:  # cannot happen for a plan from grid.plan: parents always come first
                     raise RuntimeError(f"runs whose parents are not in the plan: {[r.id for r in book.pending]}")
                 continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -198,13 +220,23 @@ def _execute_local(book: _Book, runs: Path, device: str, cache: str, workers: in
                 book.outcome(running.pop(fut), *fut.result())
 
 
-def _execute_submitit(book: _Book, runs: Path, device: str, cache: str, executor: str, cluster: dict,
-                      notebooks: Path, timeouts: dict | None) -> None:
+def _execute_submitit(
+    book: _Book,
+    runs: Path,
+    device: str,
+    cache: str,
+    executor: str,
+    cluster: dict,
+    notebooks: Path,
+    timeouts: dict | None,
+) -> None:
     """One job array per stage (a stage's runs only depend on earlier stages); the run store must be
     on a filesystem the cluster's nodes share."""
     import submitit
-    ex = submitit.AutoExecutor(folder=str(runs / "submitit" / "%j"),
-                               cluster="local" if executor == "submitit-local" else "slurm")
+
+    ex = submitit.AutoExecutor(
+        folder=str(runs / "submitit" / "%j"), cluster="local" if executor == "submitit-local" else "slurm"
+    )
     ex.update_parameters(**{"timeout_min": 24 * 60, **cluster})
     for stage in STAGES:
         wave = []

@@ -8,6 +8,7 @@ A stage writes into its run folder: params.json, train_log.jsonl, a resumable ch
 trains, then encoder.safetensors + head.safetensors and, last of all, metrics.json (the marker that
 the run is finished). Calling a stage on a finished folder trains nothing and re-reads the results.
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,21 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
 
 from studylib.core import augment as A
-from studylib.study.config import IntermediateConfig, PretrainConfig, SegmentConfig, build
-from studylib.data.readers import PET_CLASSES, SegData, load_image_set, load_intel, load_pets, nested_subset
-from studylib.data.sources import resolve_data
-from studylib.study.locks import RunLock
-from studylib.core.metrics import ClassificationMeter, SegmentationMeter
 from studylib.core.masking import mim_loss, random_masks
+from studylib.core.metrics import ClassificationMeter, SegmentationMeter
 from studylib.core.model import Classifier, MaskedImageModel, PatchClassifier, Segmenter, build_encoder
-from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
-from studylib.core.train import CHECKPOINT, Schedule, fit, load_encoder, resolve_device, save_encoder
+from studylib.core.train import Schedule, fit, resolve_device
+from studylib.data.readers import PET_CLASSES, load_image_set, load_intel
+from studylib.data.sources import resolve_data
+from studylib.data.splits import segmentation_split
+from studylib.study.config import IntermediateConfig, PretrainConfig, SegmentConfig, build
+from studylib.study.locks import RunLock
+from studylib.study.store import STAGE_LOCK, RunFolder
 
 EVAL_BATCH = 256
 
@@ -40,10 +40,11 @@ class StageResult:
     run_dir: Path
     metrics: dict
     history: list[dict] = field(default_factory=list)
-    examples: dict = field(default_factory=dict)     # tensors for the stage's picture
+    examples: dict = field(default_factory=dict)  # tensors for the stage's picture
 
 
 # ---------------------------------------------------------------- shared plumbing
+
 
 def _run_dir(run_dir: str) -> Path:
     return Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="studylib-run-"))
@@ -52,11 +53,13 @@ def _run_dir(run_dir: str) -> Path:
 def exclusive(stage):
     """Hold the run folder's stage lock while the stage works: two processes (say, an orphaned
     kernel and a resumed run) never train into the same folder at once."""
+
     @functools.wraps(stage)
     def locked(run_dir: str = "", *args, **kwargs):
         folder = _run_dir(run_dir)
-        with RunLock(folder, ".stage.lock"):
+        with RunLock(folder, STAGE_LOCK):
             return stage(str(folder), *args, **kwargs)
+
     return locked
 
 
@@ -68,26 +71,8 @@ def _encoder(model: str, parent_dir: str, seed: int):
     """A fresh encoder (seeded init) or the parent run's trained one."""
     torch.manual_seed(seed)
     if parent_dir:
-        return load_encoder(Path(parent_dir) / "encoder.safetensors")
+        return RunFolder(parent_dir).load_encoder()
     return build_encoder(model)
-
-
-def _finish(run_dir: Path, task: torch.nn.Module, metrics: dict, meta: dict) -> None:
-    """Write weights, then metrics.json last (the 'finished' marker), then drop the optimizer state."""
-    save_encoder(run_dir / "encoder.safetensors", task.encoder, meta)
-    head = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if not k.startswith("encoder.")}
-    atomic_write_bytes(run_dir / "head.safetensors", save(head))
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
-
-
-def _restore(run_dir: Path, task: torch.nn.Module) -> None:
-    task.encoder.load_state_dict(load_encoder(run_dir / "encoder.safetensors").state_dict())
-    task.load_state_dict(load_file(run_dir / "head.safetensors"), strict=False)
-
-
-def _is_finished(run_dir: Path) -> bool:
-    return all((run_dir / f).exists() for f in ("metrics.json", "encoder.safetensors", "head.safetensors"))
 
 
 @torch.no_grad()
@@ -98,15 +83,23 @@ def _batched(fn, n: int, bs: int = EVAL_BATCH):
 
 # ---------------------------------------------------------------- stage 1: masked image modelling
 
+
 @exclusive
-def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
-             size: int = 64, seed: int = 0, device: str = "auto") -> StageResult:
+def pretrain(
+    run_dir: str = "",
+    model: str = "viny-tiny",
+    data: dict | None = None,
+    settings: dict | None = None,
+    size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+) -> StageResult:
     """SimMIM pre-training of a fresh encoder on `size` unlabeled images."""
     s = build(PretrainConfig, settings or {}, "pretrain")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed))
     cfg = task.encoder.cfg
-    cached = round(cfg.img_size * (1 + s.cache_margin))    # crops are taken from a slightly larger copy
+    cached = round(cfg.img_size * (1 + s.cache_margin))  # crops are taken from a slightly larger copy
     image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable)
     images = image_set.images
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
@@ -122,10 +115,11 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
         x, mask = batch(idx, g)
         return mim_loss(task(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
 
-    t0 = time.time()
-    history = [] if _is_finished(run_dir) else fit(task, step, len(images), _schedule(s), seed, run_dir, dev, "pretrain")
-    if _is_finished(run_dir):
-        _restore(run_dir, task)
+    t0, folder = time.time(), RunFolder(run_dir)
+    finished = folder.is_done
+    history = [] if finished else fit(task, step, len(images), _schedule(s), seed, run_dir, dev, "pretrain")
+    if finished:
+        folder.restore(task)
     task.to(dev).eval()
     # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -135,12 +129,19 @@ def pretrain(run_dir: str = "", model: str = "viny-tiny", data: dict | None = No
         pred = task(x, mask)
         eval_loss = mim_loss(pred, x, mask, cfg.patch_size, norm_pix=s.norm_pix_loss).item()
     examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
-    if _is_finished(run_dir):
-        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
-    metrics = {"stage": "pretrain", "images": len(images), "skipped": image_set.skipped, "epochs": s.epochs,
-               "final_train_loss": history[-1]["loss"],
-               "eval_masked_l1": eval_loss, "train_seconds": round(time.time() - t0, 2), "device": str(dev)}
-    _finish(run_dir, task, metrics, {"stage": "pretrain", "images": len(images)})
+    if finished:
+        return StageResult(run_dir, folder.metrics, [], examples)
+    metrics = {
+        "stage": "pretrain",
+        "images": len(images),
+        "skipped": image_set.skipped,
+        "epochs": s.epochs,
+        "final_train_loss": history[-1]["loss"],
+        "eval_masked_l1": eval_loss,
+        "train_seconds": round(time.time() - t0, 2),
+        "device": str(dev),
+    }
+    folder.finish(task, metrics, {"stage": "pretrain", "images": len(images)})
     return StageResult(run_dir, metrics, history, examples)
 
 
@@ -150,9 +151,18 @@ ARMS = ("none", "intel", "pets-breeds", "spatial")
 
 
 @exclusive
-def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None,
-                 settings: dict | None = None, parent_dir: str = "", seed: int = 0, device: str = "auto",
-                 arm: str = "intel", pets_split: dict | None = None, downstream: dict | None = None) -> StageResult:
+def intermediate(
+    run_dir: str = "",
+    model: str = "viny-tiny",
+    data: dict | None = None,
+    settings: dict | None = None,
+    parent_dir: str = "",
+    seed: int = 0,
+    device: str = "auto",
+    arm: str = "intel",
+    pets_split: dict | None = None,
+    downstream: dict | None = None,
+) -> StageResult:
     """Fine-tune the encoder on an intermediate task (the `arm`):
     'intel'        CLS classification of Intel scenes (the paper's stage);
     'pets-breeds'  CLS classification of Pets breeds;
@@ -178,13 +188,15 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
             K = int(torch.cat([train.labels, test.labels]).max()) + 1
             classes, train_y, test_y = [str(k + 1) for k in range(K)], train.labels, test.labels
         else:
-            from studylib.analysis.geometry import patch_labels
+            from studylib.data.splits import patch_labels
+
             classes = list(PET_CLASSES)
             train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
     K = len(classes)
     task = PatchClassifier(enc, K) if arm == "spatial" else Classifier(enc, K)
-    frozen = _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) \
-        if s.frozen_augmentation else None
+    frozen = (
+        _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
+    )
 
     def step(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
@@ -192,7 +204,7 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
         grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)
         x = A.normalize(A.adjust_contrast(A.warp_images(x, grid), p["contrast"]))
         y = train_y[idx].to(dev)
-        if arm == "spatial":       # flip the patch labels with the image; no MixUp for a dense target
+        if arm == "spatial":  # flip the patch labels with the image; no MixUp for a dense target
             g_ = enc.cfg.grid
             y = torch.where(p["flip"].to(dev).view(-1, 1, 1), y.view(-1, g_, g_).flip(-1), y.view(-1, g_, g_))
             return F.cross_entropy(task(x).float().flatten(0, 1), y.reshape(-1))
@@ -200,68 +212,38 @@ def intermediate(run_dir: str = "", model: str = "viny-tiny", data: dict | None 
         return torch.sum(-y * F.log_softmax(task(x).float(), dim=-1), dim=-1).mean()
 
     t0 = time.time()
-    finished = _is_finished(run_dir)
+    finished = RunFolder(run_dir).is_done
     history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, f"intermediate {arm}")
     if finished:
-        _restore(run_dir, task)
+        RunFolder(run_dir).restore(task)
     task.to(dev).eval()
     meter = ClassificationMeter(K)
     for i, logits in _batched(lambda sl: task(A.normalize(A.to_float(test.images[sl].to(dev)))), len(test)):
-        meter.update(logits.float().cpu().reshape(-1, K), test_y[i:i + len(logits)].reshape(-1))
+        meter.update(logits.float().cpu().reshape(-1, K), test_y[i : i + len(logits)].reshape(-1))
     result = meter.compute()
     examples = {"confusion": result["confusion_matrix"], "classes": classes}
     if finished:
-        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
-    metrics = {"stage": "intermediate", "arm": arm, "train_images": len(train), "test_images": len(test),
-               "epochs": s.epochs, "skipped": sorted(set(train.skipped + test.skipped)), "downstream": downstream,
-               "top1": result["top1"], "confusion_matrix": result["confusion_matrix"], "classes": classes,
-               "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
-               "device": str(dev)}
-    _finish(run_dir, task, metrics, {"stage": "intermediate", "arm": arm})
+        return StageResult(run_dir, RunFolder(run_dir).metrics, [], examples)
+    metrics = {
+        "stage": "intermediate",
+        "arm": arm,
+        "train_images": len(train),
+        "test_images": len(test),
+        "epochs": s.epochs,
+        "skipped": sorted(set(train.skipped + test.skipped)),
+        "downstream": downstream,
+        "top1": result["top1"],
+        "confusion_matrix": result["confusion_matrix"],
+        "classes": classes,
+        "final_train_loss": history[-1]["loss"],
+        "train_seconds": round(time.time() - t0, 2),
+        "device": str(dev),
+    }
+    RunFolder(run_dir).finish(task, metrics, {"stage": "intermediate", "arm": arm})
     return StageResult(run_dir, metrics, history, examples)
 
 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
-
-def segmentation_split(paths, s: SegmentConfig, n_train: int, seed: int, img_size: int, all_but_test: bool = False):
-    """Train and test sets of the Pets data (trainval and test lists).
-    'fixed' (clean): both lists pooled; the test set is one seeded subset (seed 0) that is the same
-      for every fine-tune size and seed; train sets are nested seeded subsets of the rest.
-    'official': train = a nested seeded subset of trainval, test = a fixed subset of test.txt.
-    'pooled' (the paper): one permutation per seed, train = the first n, test = the next test_size,
-      so the test set moves with the fine-tune size.
-    With `all_but_test`, the train set is every image outside that test set (intermediate arms)."""
-    trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
-    test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
-    if s.split == "official":
-        _check_sizes(n_train, len(trainval), s.test_size, len(test), "trainval", "test.txt")
-        train_idx = np.arange(len(trainval)) if all_but_test else nested_subset(len(trainval), n_train, seed)
-        return trainval.subset(train_idx), test.subset(nested_subset(len(test), s.test_size, 0))
-    pool = _concat(trainval, test)
-    _check_sizes(n_train, len(pool) - s.test_size, s.test_size, len(pool), "the pooled data less the test set",
-                 "the pooled data")
-    if s.split == "pooled":
-        perm = nested_subset(len(pool), len(pool), seed)
-        test_idx = perm[n_train:n_train + s.test_size]
-        train_idx = np.concatenate([perm[:n_train], perm[n_train + s.test_size:]]) if all_but_test else perm[:n_train]
-        return pool.subset(train_idx), pool.subset(test_idx)
-    fixed = nested_subset(len(pool), len(pool), 0)
-    rest = fixed[s.test_size:]
-    train_idx = rest if all_but_test else rest[nested_subset(len(rest), n_train, seed)]
-    return pool.subset(train_idx), pool.subset(fixed[:s.test_size])
-
-
-def _check_sizes(n_train: int, train_avail: int, n_test: int, test_avail: int, train_name: str, test_name: str):
-    if n_test > test_avail:
-        raise ValueError(f"segment.test_size {n_test} is larger than {test_name} ({test_avail} images); lower it")
-    if n_train > train_avail:
-        raise ValueError(f"segment: fine-tune size {n_train} is larger than {train_name} ({train_avail} images); "
-                         f"lower grid.finetune_sizes or segment.test_size")
-
-
-def _concat(a: SegData, b: SegData) -> SegData:
-    return SegData(torch.cat([a.images, b.images]), torch.cat([a.masks, b.masks]), a.names + b.names,
-                   torch.cat([a.labels, b.labels]), a.skipped + b.skipped)
 
 
 def _flip_contrast(n: int, contrast: float, g: torch.Generator) -> dict:
@@ -280,8 +262,16 @@ def _seg_apply(images, masks, p: dict, s: SegmentConfig, dev, augment: bool = Tr
 
 
 @exclusive
-def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = None, settings: dict | None = None,
-            parent_dir: str = "", size: int = 32, seed: int = 0, device: str = "auto") -> StageResult:
+def segment(
+    run_dir: str = "",
+    model: str = "viny-tiny",
+    data: dict | None = None,
+    settings: dict | None = None,
+    parent_dir: str = "",
+    size: int = 32,
+    seed: int = 0,
+    device: str = "auto",
+) -> StageResult:
     """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""
     s = build(SegmentConfig, settings or {}, "segment")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
@@ -289,23 +279,27 @@ def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = Non
     train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
     task = Segmenter(enc, len(PET_CLASSES))
     # the paper froze one random augmentation per image for all epochs (and the test set)
-    frozen = _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
+    frozen = (
+        _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
+    )
 
     def step(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         x, y = _seg_apply(train.images[idx], train.masks[idx], p, s, dev)
-        logits = task(x).float()                                          # [B, K, H, W]
-        if s.spatial_log_softmax:    # the authors' extra normalisation over the pixel axis
+        logits = task(x).float()  # [B, K, H, W]
+        if s.spatial_log_softmax:  # the authors' extra normalisation over the pixel axis
             logits = F.log_softmax(logits.flatten(2), dim=2).view_as(logits)
         return F.cross_entropy(logits, y)
 
     t0 = time.time()
-    finished = _is_finished(run_dir)
+    finished = RunFolder(run_dir).is_done
     history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, "segment")
     if finished:
-        _restore(run_dir, task)
+        RunFolder(run_dir).restore(task)
     task.to(dev).eval()
-    test_aug = _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
+    test_aug = (
+        _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
+    )
     meter, preds = SegmentationMeter(len(PET_CLASSES), PET_CLASSES), []
 
     def predict(sl):
@@ -320,10 +314,17 @@ def segment(run_dir: str = "", model: str = "viny-tiny", data: dict | None = Non
     report = meter.compute()
     examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
     if finished:
-        return StageResult(run_dir, read_json(run_dir / "metrics.json"), [], examples)
-    metrics = {"stage": "segment", "train_images": len(train), "test_images": len(test), "epochs": s.epochs,
-               "skipped": sorted(set(train.skipped + test.skipped)),
-               **report, "final_train_loss": history[-1]["loss"], "train_seconds": round(time.time() - t0, 2),
-               "device": str(dev)}
-    _finish(run_dir, task, metrics, {"stage": "segment"})
+        return StageResult(run_dir, RunFolder(run_dir).metrics, [], examples)
+    metrics = {
+        "stage": "segment",
+        "train_images": len(train),
+        "test_images": len(test),
+        "epochs": s.epochs,
+        "skipped": sorted(set(train.skipped + test.skipped)),
+        **report,
+        "final_train_loss": history[-1]["loss"],
+        "train_seconds": round(time.time() - t0, 2),
+        "device": str(dev),
+    }
+    RunFolder(run_dir).finish(task, metrics, {"stage": "segment"})
     return StageResult(run_dir, metrics, history, examples)

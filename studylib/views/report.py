@@ -3,6 +3,7 @@
 plotly's JavaScript is embedded once in the page (no CDN); each figure is a div drawn by it. A tiny
 script records any JavaScript error into the page (#js-errors), so a headless browser can check it.
 """
+
 from __future__ import annotations
 
 import html
@@ -12,12 +13,12 @@ import pandas as pd
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
-from studylib.analysis import encoders, results
-
-from studylib.views import gallery, plots
-from studylib.analysis.geometry import PAPER_COSINE
-from studylib.study.grid import Run
+from studylib.analysis import claims, encoders, tables, vocabulary
+from studylib.analysis.reference import PAPER_COSINE, paper_frame
 from studylib.core.files import atomic_write_text
+from studylib.study.grid import Run
+from studylib.study.store import collect
+from studylib.views import gallery, plots
 
 CATCH_ERRORS = """<script>
 window.__errors = [];
@@ -47,47 +48,66 @@ def _table(df: pd.DataFrame) -> str:
 def results_section(df: pd.DataFrame) -> list[str]:
     if df.empty:
         return ["<h2>Results</h2><p><i>no finished segmentation runs yet</i></p>"]
-    sub = results.select(df)
-    return ["<h2>Results</h2>",
-            "<h3>mIoU % (per image, the paper's definition), mean +- std (n) over seeds</h3>",
-            _table(results.paper_table(sub, "miou", with_n=True)),
-            "<h3>Pixel accuracy %</h3>", _table(results.paper_table(sub, "pixel_acc", with_n=True)),
-            "<h3>mIoU % (dataset level)</h3>", _table(results.paper_table(sub, "miou_dataset", with_n=True)),
-            _fig(plots.scaling_curves(sub, "miou", paper=results.paper_frame())),
-            _fig(plots.intermediate_heatmap(results.intermediate_table(sub, "miou"))),
-            "<h3>The paper's findings, tested on these runs</h3>",
-            _table(results.claims_display(results.claims_all_arms(sub, "miou")))]
+    sub = vocabulary.select(df)
+    return [
+        "<h2>Results</h2>",
+        "<h3>mIoU % (per image, the paper's definition), mean +- std (n) over seeds</h3>",
+        _table(tables.paper_table(sub, "miou", with_n=True)),
+        "<h3>Pixel accuracy %</h3>",
+        _table(tables.paper_table(sub, "pixel_acc", with_n=True)),
+        "<h3>mIoU % (dataset level)</h3>",
+        _table(tables.paper_table(sub, "miou_dataset", with_n=True)),
+        _fig(plots.scaling_curves(sub, "miou", paper=paper_frame())),
+        _fig(plots.intermediate_heatmap(tables.intermediate_table(sub, "miou"))),
+        "<h3>The paper's findings, tested on these runs</h3>",
+        _table(claims.claims_display(claims.claims_all_arms(sub, "miou"))),
+    ]
 
 
 def geometry_section(reports: list[dict]) -> list[str]:
     if not reports:
         return ["<h2>Patch-token geometry</h2><p><i>no geometry yet: run <code>study geometry</code></i></p>"]
     mim = next((r for r in reports if r["encoder"]["name"] == "mim"), reports[0])
-    parts = ["<h2>Patch-token geometry</h2>",
-             "<h3>The paper's Table 2 for this study's encoders (final layer)</h3>",
-             _table(analysis.table2(reports)), _fig(plots.cosine_curves(reports, paper=PAPER_COSINE)),
-             _fig(plots.cka_heatmap(mim))]
-    parts += [_fig(plots.reference_maps(r)) for r in analysis.one_per_encoder(reports)]
+    parts = [
+        "<h2>Patch-token geometry</h2>",
+        "<h3>The paper's Table 2 for this study's encoders (final layer)</h3>",
+        _table(encoders.table2(reports)),
+        _fig(plots.cosine_curves(reports, paper=PAPER_COSINE)),
+        _fig(plots.cka_heatmap(mim)),
+    ]
+    parts += [_fig(plots.reference_maps(r)) for r in encoders.one_per_encoder(reports)]
     return parts
 
 
 def gallery_section(runs: Path, plan: list[Run], n: int = 3) -> list[str]:
-    df = gallery.segment_runs(runs, plan)
+    df = collect(runs, plan)
     if df.empty:
         return []
     size, seed = int(df.finetune_size.min()), int(df.seed.min())
     pre = int(df.pretrain_size.max())
-    arms = ["scratch", "mim"] + sorted(set(df.intermediate) - {"none"})
-    parts = [f"<h2>Gallery</h2><p>Test images with each arm's prediction ({size} labelled images, "
-             f"pre-training {pre}, seed {seed}; the number in brackets is the run's mIoU).</p>"]
+    arms = gallery.encoder_choices(df)
+    parts = [
+        f"<h2>Gallery</h2><p>Test images with each arm's prediction ({size} labelled images, "
+        f"pre-training {pre}, seed {seed}; the number in brackets is the run's mIoU).</p>"
+    ]
     return parts + [_fig(gallery.figure(df, i, arms, size, seed, pre)) for i in range(n)]
 
 
 def write(runs: str | Path, plan: list[Run], out: str | Path, title: str = "study") -> Path:
     runs = Path(runs).resolve()
-    body = (results_section(results.collect(runs, plan)) + geometry_section(analysis.reports(runs, plan)) +
-            gallery_section(runs, plan))
-    page = ["<!DOCTYPE html><html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>", STYLE,
-            CATCH_ERRORS, f"<script>{get_plotlyjs()}</script></head><body>",
-            f"<h1>{html.escape(title)}</h1><pre id='js-errors'></pre>", *body, "</body></html>"]
+    body = (
+        results_section(tables.collect(runs, plan))
+        + geometry_section(encoders.reports(runs, plan))
+        + gallery_section(runs, plan)
+    )
+    page = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        STYLE,
+        CATCH_ERRORS,
+        f"<script>{get_plotlyjs()}</script></head><body>",
+        f"<h1>{html.escape(title)}</h1><pre id='js-errors'></pre>",
+        *body,
+        "</body></html>",
+    ]
     return atomic_write_text(out, "\n".join(page))

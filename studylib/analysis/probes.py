@@ -1,0 +1,306 @@
+"""What a linear read-out and whole-representation statistics find in patch tokens: the frozen-token
+linear probe on patch labels (Table 2) and on patch positions, effective rank (RankMe) and linear CKA
+(biased and minibatch-unbiased). Token shapes and conventions: `studylib.analysis.tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from studylib.analysis.tokens import check_tokens, grid_of, manhattan_distances
+
+__all__ = [
+    "split_images",
+    "balanced_accuracy",
+    "linear_probe",
+    "position_probe",
+    "effective_rank",
+    "token_effective_rank",
+    "linear_cka",
+    "hsic_unbiased",
+    "minibatch_cka",
+    "cka_matrix",
+]
+
+
+# ---------------------------------------------------------------------------------- linear probes
+def split_images(n: int, train_frac: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random split of image indices 0..n-1 -> (train, held-out), sorted; round(n*train_frac)
+    training images, at least one on each side when n >= 2."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(n * train_frac))
+    k = min(max(k, 1), n - 1) if n >= 2 else n
+    return perm[:k].sort().values, perm[k:].sort().values
+
+
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[float, list]:
+    """(mean recall over the classes present in `target`, per-class recall with None for absent classes).
+    recall_k = #(pred == k and target == k) / #(target == k)."""
+    pred, target = pred.reshape(-1), target.reshape(-1)
+    support = torch.bincount(target, minlength=num_classes)
+    hits = torch.bincount(target[pred == target], minlength=num_classes)
+    recall = [float(hits[k] / support[k]) if support[k] > 0 else None for k in range(num_classes)]
+    present = [r for r in recall if r is not None]
+    return (sum(present) / len(present) if present else float("nan")), recall
+
+
+def _fit_linear(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    K: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int | None,
+    seed: int,
+) -> tuple[torch.nn.Linear, float]:
+    """AdamW cross-entropy on a zero-initialised Linear(D -> K); returns the layer and the accuracy of the
+    last epoch's forward passes (what a training loop logs, and what the paper reports)."""
+    head = torch.nn.Linear(X.shape[1], K)
+    # zero init: the problem is convex, so this loses nothing and keeps the global RNG untouched
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    M = len(X)
+    bs = M if batch_size is None else int(batch_size)
+    last_acc = float("nan")
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.arange(M) if bs >= M else torch.randperm(M, generator=g)
+            correct = 0
+            for s in range(0, M, bs):
+                i = order[s : s + bs]
+                logits = head(X[i])
+                loss = F.cross_entropy(logits, y[i])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                correct += int((logits.detach().argmax(-1) == y[i]).sum())
+            last_acc = correct / M
+    return head, last_acc
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor):
+    """(x - mean) / std with the training set's per-dimension mean and population std (+1e-6, so constant
+    dimensions stay finite); the same transform is applied to the other sets."""
+    mu, sd = train.mean(0), train.std(0, unbiased=False) + 1e-6
+    return [(x - mu) / sd for x in (train, *others)]
+
+
+def linear_probe(
+    T: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int = 3,
+    train_frac: float = 0.5,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+    weight_decay: float = 0.01,
+    batch_size: int | None = None,
+) -> dict:
+    """Frozen-token linear probe: Linear(D -> num_classes) on every patch token, labels [N, P].
+
+    Images (not patches) are split at random with `seed` (`train_frac` of them train), so held-out
+    tokens come from unseen images. Features are standardised with the training tokens' mean/std.
+    The head is trained with AdamW cross-entropy for `epochs` epochs, full batch when `batch_size` is
+    None, else shuffled minibatches. Tokens whose label lies outside 0..num_classes-1 are dropped.
+
+    Returns train_accuracy (the last epoch's training accuracy, what the paper reports: the accuracy of
+    that epoch's forward passes), final_train_accuracy (after the last update), heldout_accuracy,
+    heldout_balanced_accuracy (mean recall over the classes present in the held-out tokens),
+    heldout_recall (per class, None when absent), majority_baseline (held-out accuracy of always
+    predicting the training set's most frequent class), train_counts / heldout_counts (tokens per
+    class), train_images / heldout_images.
+    """
+    check_tokens(T)
+    N, P, D = T.shape
+    labels = labels.reshape(N, -1).long()
+    if labels.shape[1] != P:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match tokens {tuple(T.shape)}")
+    tr, te = split_images(N, train_frac, seed)
+    Xtr, ytr = T[tr].reshape(-1, D).float(), labels[tr].reshape(-1)
+    Xte, yte = T[te].reshape(-1, D).float(), labels[te].reshape(-1)
+    keep_tr, keep_te = (ytr >= 0) & (ytr < num_classes), (yte >= 0) & (yte < num_classes)
+    Xtr, ytr, Xte, yte = Xtr[keep_tr], ytr[keep_tr], Xte[keep_te], yte[keep_te]
+    Xtr, Xte = _standardise(Xtr, Xte)
+    head, last_acc = _fit_linear(Xtr, ytr, num_classes, epochs, lr, weight_decay, batch_size, seed)
+    with torch.no_grad():
+        ptr, pte = head(Xtr).argmax(-1), head(Xte).argmax(-1)
+    bal, recall = balanced_accuracy(pte, yte, num_classes)
+    train_counts = torch.bincount(ytr, minlength=num_classes)
+    return {
+        "train_accuracy": last_acc,
+        "final_train_accuracy": float((ptr == ytr).float().mean()),
+        "heldout_accuracy": float((pte == yte).float().mean()),
+        "heldout_balanced_accuracy": bal,
+        "heldout_recall": recall,
+        "majority_baseline": float((yte == train_counts.argmax()).float().mean()),
+        "train_counts": train_counts.tolist(),
+        "heldout_counts": torch.bincount(yte, minlength=num_classes).tolist(),
+        "train_images": len(tr),
+        "heldout_images": len(te),
+    }
+
+
+def position_probe(
+    T: torch.Tensor,
+    grid: int | None = None,
+    train_frac: float = 0.5,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+    weight_decay: float = 0.01,
+    batch_size: int | None = None,
+) -> dict:
+    """Does a token still know where it is? A linear probe (as `linear_probe`: seeded image split,
+    standardised features, zero-initialised Linear(D -> P), AdamW) predicting each token's own patch
+    index 0..P-1 from the frozen token.
+
+    Returns heldout_accuracy (chance = 1/P), train_accuracy (last epoch), chance, mean_manhattan_error
+    (mean over held-out tokens of |r_pred - r| + |c_pred - c|) and chance_manhattan_error (the same for
+    a uniformly random guess: mean of the P x P Manhattan distance matrix, 2(g^2-1)/(3g), 5.25 at g=8).
+    """
+    check_tokens(T)
+    N, P, D = T.shape
+    g = grid_of(P, grid)
+    tr, te = split_images(N, train_frac, seed)
+    pos = torch.arange(P)
+    Xtr, Xte = _standardise(T[tr].reshape(-1, D).float(), T[te].reshape(-1, D).float())
+    ytr, yte = pos.repeat(len(tr)), pos.repeat(len(te))
+    head, last_acc = _fit_linear(Xtr, ytr, P, epochs, lr, weight_decay, batch_size, seed)
+    with torch.no_grad():
+        pred = head(Xte).argmax(-1)
+    err = (pred // g - yte // g).abs() + (pred % g - yte % g).abs()
+    return {
+        "heldout_accuracy": float((pred == yte).float().mean()),
+        "train_accuracy": last_acc,
+        "chance": 1.0 / P,
+        "mean_manhattan_error": float(err.float().mean()),
+        "chance_manhattan_error": float(manhattan_distances(g).double().mean()),
+    }
+
+
+# --------------------------------------------------------------------------------- effective rank
+def effective_rank(X: torch.Tensor, eps: float = 1e-12, center: bool = False) -> float:
+    """RankMe (Garrido et al. 2023) of X [M, D]: exp(-sum_i p_i log p_i) with p_i = s_i / sum_j s_j + eps,
+    s the singular values of X (of X minus its column means when `center`; RankMe itself does not centre).
+    Between 1 and min(M, D); exactly k for k equal non-zero singular values."""
+    X = X.double()
+    if center:
+        X = X - X.mean(0)
+    M, D = X.shape
+    if M * D <= 4_000_000:
+        s = torch.linalg.svdvals(X)
+    else:
+        # tall token matrices: the D x D Gram matrix gives the same singular values at a fraction of the
+        # cost; float64 keeps the error of the smallest ones far below what moves the entropy
+        s = torch.linalg.eigvalsh(X.T @ X if M >= D else X @ X.T).clamp(min=0).sqrt()
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def token_effective_rank(T: torch.Tensor, max_tokens: int | None = None, seed: int = 0, center: bool = False) -> float:
+    """effective_rank of all tokens flattened to [N*P, D]; with `max_tokens`, of a seeded random subset of
+    at most that many tokens."""
+    check_tokens(T)
+    X = T.reshape(-1, T.shape[-1])
+    if max_tokens is not None and len(X) > max_tokens:
+        X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:max_tokens]]
+    return effective_rank(X, center=center)
+
+
+# ---------------------------------------------------------------------------------------------- CKA
+def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Linear CKA with the biased (centred) HSIC: ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), where
+    Xc, Yc are X [M, D1], Y [M, D2] minus their column means; rows are the same M examples."""
+    if len(X) != len(Y):
+        raise ValueError(f"X and Y need the same examples, got {len(X)} and {len(Y)} rows")
+    X, Y = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
+    xy = (Y.T @ X).square().sum()
+    return float(xy / (torch.linalg.matrix_norm(X.T @ X) * torch.linalg.matrix_norm(Y.T @ Y)))
+
+
+def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> float:
+    """Unbiased HSIC (Song et al. 2012) of n x n kernel matrices, n > 3, with K~, L~ their copies with a
+    zero diagonal: [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))."""
+    n = K.shape[0]
+    if n <= 3:
+        raise ValueError(f"unbiased HSIC needs more than 3 examples, got {n}")
+    K = K.double().clone().fill_diagonal_(0)
+    L = L.double().clone().fill_diagonal_(0)
+    kl = (K * L.T).sum()  # tr(K~ L~) = sum_ij K~_ij L~_ji
+    cross = K.sum(0) @ L.sum(1)  # 1'K~L~1 = (1'K~)(L~1)
+    return float((kl + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)) / (n * (n - 3)))
+
+
+def _batches(M: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Seeded shuffle of 0..M-1 cut into batches of batch_size; a last batch of 3 or fewer is dropped
+    (the unbiased estimator needs n > 3)."""
+    perm = torch.randperm(M, generator=torch.Generator().manual_seed(seed))
+    return [b for b in perm.split(batch_size) if len(b) > 3]
+
+
+def _hsic_table(batches: Iterable[list[torch.Tensor]]) -> torch.Tensor:
+    """Mean over minibatches of HSIC_1(K_a, K_b) for every pair of representations a, b, linear kernels
+    K = X X^T of each batch's rows -> [R, R]."""
+    total, count = None, 0
+    for reps in batches:
+        Ks = [x.double() @ x.double().T for x in reps]
+        R = len(Ks)
+        h = torch.zeros(R, R, dtype=torch.float64)
+        for a in range(R):
+            for b in range(a, R):
+                h[a, b] = h[b, a] = hsic_unbiased(Ks[a], Ks[b])
+        total, count = (h if total is None else total + h), count + 1
+    if not count:
+        raise ValueError("minibatch CKA needs at least one minibatch of more than 3 examples")
+    return total / count
+
+
+def _cka_from_hsic(h: torch.Tensor) -> torch.Tensor:
+    d = h.diagonal().clamp(min=1e-300)
+    return h / torch.sqrt(d[:, None] * d[None])
+
+
+def minibatch_cka(X, Y: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0) -> float:
+    """Minibatch linear CKA (Nguyen et al. 2021, "Do wide and deep networks learn the same things?"):
+    mean_b HSIC_1(K_b, L_b) / sqrt(mean_b HSIC_1(K_b, K_b) * mean_b HSIC_1(L_b, L_b)), with HSIC_1 the
+    unbiased estimator (`hsic_unbiased`) and K_b = X_b X_b^T, L_b = Y_b Y_b^T on minibatch b.
+
+    Either X [M, D1] and Y [M, D2] (same rows), shuffled with `seed` into minibatches of `batch_size`,
+    or Y=None and X an iterable of (X_b, Y_b) pairs that are already minibatches (e.g. features computed
+    batch by batch). No centring is needed: the unbiased HSIC is unchanged by shifting the features.
+    """
+    if Y is None:
+        pairs = ((xb, yb) for xb, yb in X)
+    else:
+        if len(X) != len(Y):
+            raise ValueError(f"X and Y need the same examples, got {len(X)} and {len(Y)} rows")
+        pairs = ((X[b], Y[b]) for b in _batches(len(X), batch_size, seed))
+    return float(_cka_from_hsic(_hsic_table(pairs))[0, 1])
+
+
+def cka_matrix(reps: dict, method: str = "minibatch", batch_size: int = 256, seed: int = 0):
+    """(names, [R, R] list of lists): CKA between every pair of representations in `reps` {name: X [M, D]},
+    all with the same M rows. method 'minibatch' (unbiased, `minibatch_cka`; one shared seeded split into
+    minibatches, so every pair sees the same batches) or 'linear' (biased, `linear_cka`). Symmetric by
+    construction; the diagonal is 1."""
+    names = list(reps)
+    Xs = [reps[k].reshape(len(reps[k]), -1) for k in names]
+    if len({len(x) for x in Xs}) > 1:
+        raise ValueError("all representations need the same number of rows")
+    if method == "minibatch":
+        m = _cka_from_hsic(_hsic_table([x[b] for x in Xs] for b in _batches(len(Xs[0]), batch_size, seed)))
+    elif method == "linear":
+        R = len(Xs)
+        m = torch.eye(R, dtype=torch.float64)
+        for a in range(R):
+            for b in range(a + 1, R):
+                m[a, b] = m[b, a] = linear_cka(Xs[a], Xs[b])
+    else:
+        raise ValueError(f"method must be 'minibatch' or 'linear', got {method!r}")
+    return names, m.tolist()

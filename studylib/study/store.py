@@ -1,0 +1,169 @@
+"""The run store: one folder per stage run, and everything known about it. This module alone decides
+what a run's files are called, what state it is in and how its results are read; the runner, the
+stages, the CLI, the analysis and the views ask it.
+
+    <runs>/<stage>/<id>/
+        params.json              stage, id, labels (where the run sits in the grid), parent, parameters
+        notebook.ipynb           the executed stage notebook (notebook-failed.ipynb when it failed)
+        train_log.jsonl          one line per epoch
+        checkpoint.safetensors   while training: the epoch checkpoint to resume from
+        encoder.safetensors      the trained encoder; head.safetensors, the task head
+        metrics.json             written last: the run is finished
+        error.json               why the last attempt failed
+        provenance.json          code, packages, machine, seed and wall time
+        geometry.json            the encoder's patch-token geometry (`study geometry`)
+
+States: done (metrics, encoder and head all written), running (a runner holds the run's lock),
+failed (error.json, and not done), todo (anything else).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
+from studylib.study.locks import RunLock
+
+RUNNER_LOCK, STAGE_LOCK = ".runner.lock", ".stage.lock"
+STATES = ("todo", "running", "done", "failed")
+FINISHED_FILES = ("metrics.json", "encoder.safetensors", "head.safetensors")
+CHECKPOINT = "checkpoint.safetensors"
+# metrics.json key of each segmentation metric, reported in % by collect()
+SEGMENT_METRICS = {"miou": "miou_per_image", "pixel_acc": "pixel_acc", "miou_dataset": "miou_dataset"}
+
+
+class RunFolder:
+    """One run's folder in the store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, run, runs: str | Path) -> RunFolder:
+        """The folder of a planned run (grid.Run) in the store `runs`."""
+        return cls(Path(runs) / run.stage / run.id)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_done(self) -> bool:
+        return all((self.path / f).exists() for f in FINISHED_FILES)
+
+    @property
+    def state(self) -> str:
+        if self.is_done:
+            return "done"
+        if (self.path / RUNNER_LOCK).exists():
+            lock = RunLock(self.path, RUNNER_LOCK)
+            if not lock.acquire(blocking=False):
+                return "running"
+            lock.release()
+        return "failed" if (self.path / "error.json").exists() else "todo"
+
+    # ------------------------------------------------------------------ records
+
+    @property
+    def record(self) -> dict:
+        """params.json: stage, id, labels, parent, parameters."""
+        return read_json(self.path / "params.json", {})
+
+    @property
+    def labels(self) -> dict:
+        return self.record.get("labels", {})
+
+    @property
+    def parameters(self) -> dict:
+        return self.record.get("parameters", {})
+
+    @property
+    def metrics(self) -> dict:
+        return read_json(self.path / "metrics.json", {})
+
+    def write_record(self, run, parameters: dict) -> None:
+        atomic_write_json(
+            self.path / "params.json",
+            {
+                "stage": run.stage,
+                "id": run.id,
+                "labels": run.labels,
+                "parent": run.parent.id if run.parent else None,
+                "parameters": parameters,
+            },
+        )
+
+    def record_failure(self, error: str, traceback: str) -> None:
+        atomic_write_json(self.path / "error.json", {"error": error[:4000], "traceback": traceback})
+
+    def clear_failure(self) -> None:
+        (self.path / "error.json").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ weights
+
+    def finish(self, task, metrics: dict, meta: dict) -> None:
+        """Write the encoder and the head, then metrics.json last (the 'finished' marker), then drop the
+        optimizer state."""
+        from safetensors.torch import save
+
+        from studylib.core.model import save_encoder
+
+        save_encoder(self.path / "encoder.safetensors", task.encoder, meta)
+        head = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if not k.startswith("encoder.")}
+        atomic_write_bytes(self.path / "head.safetensors", save(head))
+        atomic_write_json(self.path / "metrics.json", metrics)
+        (self.path / CHECKPOINT).unlink(missing_ok=True)
+
+    def restore(self, task) -> None:
+        """Load the finished run's weights into `task` (a model with .encoder and its head)."""
+        from safetensors.torch import load_file
+
+        task.encoder.load_state_dict(self.load_encoder().state_dict())
+        task.load_state_dict(load_file(self.path / "head.safetensors"), strict=False)
+
+    def load_encoder(self):
+        from studylib.core.model import load_encoder
+
+        return load_encoder(self.path / "encoder.safetensors")
+
+    def load_segmenter(self):
+        """A finished segmentation run's model (encoder and per-patch head), in eval mode."""
+        from safetensors.torch import load_file
+
+        from studylib.core.model import Segmenter
+
+        enc = self.load_encoder()
+        head = load_file(self.path / "head.safetensors")
+        model = Segmenter(enc, head["head.weight"].shape[0] // enc.cfg.patch_size**2)
+        model.load_state_dict(head, strict=False)
+        return model.eval()
+
+
+def states(plan: list, runs: str | Path) -> dict[str, str]:
+    """{run id: state} for every run of a plan."""
+    return {r.id: RunFolder.of(r, runs).state for r in plan}
+
+
+def collect(runs: str | Path, plan: list | None = None) -> pd.DataFrame:
+    """One row per finished segmentation run (optionally only the plan's): its grid labels, id, folder
+    and metrics in %."""
+    wanted = None if plan is None else {r.id for r in plan if r.stage == "segment"}
+    rows = []
+    for folder in sorted(Path(runs).glob("segment/*")):
+        run = RunFolder(folder)
+        if (wanted is not None and folder.name not in wanted) or not run.is_done:
+            continue
+        m = run.metrics
+        rows.append(
+            {
+                **run.labels,
+                "id": folder.name,
+                "dir": str(folder),
+                **{k: 100 * m[key] for k, key in SEGMENT_METRICS.items()},
+            }
+        )
+    cols = ["protocol", "pretrain_size", "intermediate", "finetune_size", "seed", "id", "dir", *SEGMENT_METRICS]
+    return pd.DataFrame(rows, columns=cols)
