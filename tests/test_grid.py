@@ -159,7 +159,12 @@ def test_every_intermediate_arm_gets_its_own_runs_and_pets_arms_know_the_split()
     inter = {r.params["arm"]: r for r in runs if r.stage == "intermediate"}
     assert set(inter) == {"intel", "pets-breeds", "spatial"}
     assert "pets_split" not in inter["intel"].params
-    assert inter["spatial"].params["pets_split"] == {"split": "fixed", "test_size": 1000, "interpolation": "bilinear"}
+    assert inter["spatial"].params["pets_split"] == {
+        "split": "fixed",
+        "test_size": 1000,
+        "interpolation": "bilinear",
+        "split_seed": 0,
+    }
     segs = [r for r in runs if r.stage == "segment"]
     assert len(segs) == (1 + 4) * 2
     assert {r.labels["intermediate"] for r in segs} == {"none", "intel", "pets-breeds", "spatial"}

@@ -125,13 +125,16 @@ def test_forward_intermediates(tiny):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         inter = tiny.forward_intermediates(x)
-        feats = tiny.forward_features(x)
+        feats = tiny.patch_features(x)  # the dense path: patch tokens, no CLS in the sequence
+        with_cls = tiny.forward_features(x)
         raw = tiny.forward_intermediates(x, norm=False)
         last = tiny.forward_intermediates(x, indices=[-1])
     assert len(inter) == tiny.cfg.depth == 4
     assert all(t.shape == (2, 64, 64) for t in inter)
-    torch.testing.assert_close(inter[-1], feats[:, 1:], rtol=0, atol=1e-6)
-    torch.testing.assert_close(last[0], feats[:, 1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(inter[-1], feats, rtol=0, atol=1e-6)
+    torch.testing.assert_close(last[0], feats, rtol=0, atol=1e-6)
+    # attention mixes CLS into every patch token: the classification path's patch tokens differ
+    assert not torch.allclose(with_cls[:, 1:], feats, atol=1e-4)
     # norm=False gives the raw block outputs, which the final LayerNorm maps onto the normed ones
     assert not torch.allclose(raw[-1], inter[-1])
     torch.testing.assert_close(tiny.norm(raw[-1]), inter[-1])
@@ -171,7 +174,7 @@ def test_segmenter_logits_land_in_their_patch(tiny):
     p, grid = tiny.cfg.patch_size, tiny.cfg.grid
     with torch.no_grad():
         out = seg(x)
-        per_token = seg.head(tiny(x)[:, 1:])  # [1, 64, p*p*3]
+        per_token = seg.head(tiny.patch_features(x))  # [1, 64, p*p*3]
     for k in (0, 5, 13, 63):
         r, c = k // grid, k % grid
         expect = per_token[0, k].view(p, p, 3).permute(2, 0, 1)
@@ -188,7 +191,7 @@ def test_mask_token_with_empty_mask_is_plain_encoder(tiny):
     none = torch.zeros(2, 64, dtype=torch.bool)
     with torch.no_grad():
         out = mim(x, none)
-        ref = mim.head(tiny(x)[:, 1:])
+        ref = mim.head(tiny.patch_features(x))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
 
 
@@ -276,3 +279,26 @@ def test_importing_the_package_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_authors_init_is_pytorchs_default_and_a_standard_normal_mask_token():
+    """init='torch': Linear weights uniform in +-1/sqrt(fan_in) (std 1/sqrt(3 fan_in): 0.051 for 128
+    inputs), nonzero biases, mask token ~ N(0, 1); the clean default: trunc-normal 0.02, zero biases."""
+    torch.manual_seed(0)
+    ours, theirs = MaskedImageModel(build_encoder("viny")), MaskedImageModel(build_encoder("viny", "torch"), "torch")
+    fc1 = [m.encoder.blocks[0].mlp.fc1 for m in (ours, theirs)]  # Linear(128 -> 512)
+    assert abs(float(fc1[0].weight.std()) - 0.02) < 0.002 and float(fc1[0].bias.abs().max()) == 0.0
+    assert abs(float(fc1[1].weight.std()) - 1 / (3 * 128) ** 0.5) < 0.002
+    assert float(fc1[1].weight.abs().max()) <= 1 / 128**0.5 and float(fc1[1].bias.abs().max()) > 0
+    assert abs(float(theirs.mask_token.std()) - 1.0) < 0.25 and float(ours.mask_token.std()) < 0.05
+
+
+def test_decay_all_puts_every_parameter_in_the_decayed_group():
+    from studylib.core.train import param_groups
+
+    task = MaskedImageModel(build_encoder("viny-tiny"))
+    n = sum(1 for _ in task.parameters())
+    decayed, plain = param_groups(task, 0.05, decay_all=True)
+    assert len(decayed["params"]) == n and not plain["params"]
+    decayed, plain = param_groups(task, 0.05)
+    assert plain["params"] and len(decayed["params"]) + len(plain["params"]) == n

@@ -111,3 +111,64 @@ def test_frozen_augmentation_repeats_each_images_draws_across_epochs(paths, tmp_
     assert len({tuple(v) for v in epoch1.values()}) == len(epoch1)  # still random across images
     epoch1, epoch2 = _train_draws(paths, tmp_path, monkeypatch, frozen=False)
     assert all(epoch1[i][1] != epoch2[i][1] for i in epoch1)  # a new contrast for every image
+
+
+# ------------------------------------------------------------------ the authors' pipeline, flag by flag
+
+
+def test_paper_split_is_one_permutation_with_seed_42_for_every_run(paths):
+    """Two seeds of one size share train and test sets; the permutation is torch's random_split's."""
+    s = SegmentConfig(split="pooled", test_size=20, split_seed=42)
+    (tr0, te0), (tr1, te1) = (segmentation_split(paths, s, 10, seed, 32) for seed in (0, 1))
+    assert te0.names == te1.names and tr0.names == tr1.names
+    import torch
+
+    pool = load_pets(paths.pets, "trainval", 32, "bilinear", paths.cache).names
+    pool += load_pets(paths.pets, "test", 32, "bilinear", paths.cache).names
+    perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(42)).tolist()
+    assert te0.names == [pool[i] for i in perm[10:30]] and tr0.names == [pool[i] for i in perm[:10]]
+
+
+def test_stage_runs_record_their_test_images(tmp_path, paths):
+    """Under paper two seeds of one fine-tune size test on the same images, named in metrics.json;
+    under clean every size and seed tests on the one fixed set."""
+    cfg = {"paper": config.resolve({"protocol": "paper"}), "clean": config.resolve({})}
+
+    def names(protocol: str, size: int, seed: int) -> list:
+        settings = {**config.to_dict(cfg[protocol].segment), "epochs": 1, "batch_size": 8, "test_size": 12}
+        d = tmp_path / f"{protocol}-{size}-{seed}"
+        data = {**DATA, "cache": str(paths.cache)}
+        r = stages.segment(str(d), model="viny-tiny", data=data, settings=settings, size=size, seed=seed, device="cpu")
+        return r.metrics["test_names"]
+
+    assert names("paper", 8, 0) == names("paper", 8, 1)
+    assert len(set(map(tuple, [names("clean", n, s) for n in (8, 16) for s in (0, 1)]))) == 1
+
+
+def test_paper_prediction_is_the_argmax_after_the_pixel_log_softmax():
+    import torch
+
+    # two pixels, two classes: class 1 wins pixel 0 on the raw logits, but after normalising each
+    # class over the pixels, class 0's pixel 0 stands out more than class 1's does
+    logits = torch.tensor([[[[0.0, -10.0]], [[1.0, 0.9]]]])  # [B=1, K=2, H=1, W=2]
+    assert stages.predict_classes(logits).tolist() == [[[1, 1]]]
+    assert stages.predict_classes(logits, eval_log_softmax=True).tolist() == [[[0, 1]]]
+
+
+def test_paper_preset_names_every_authors_flag():
+    paper, clean = config.resolve({"protocol": "paper"}), config.resolve({})
+    for stage in ("pretrain", "intermediate", "segment"):
+        p, c = getattr(paper, stage), getattr(clean, stage)
+        assert (p.init, p.decay_all, p.precision) == ("torch", True, "fp32")
+        assert (c.init, c.decay_all, c.precision) == ("trunc_normal", False, "bf16")
+    assert (paper.segment.eval_log_softmax, paper.segment.split_seed, paper.segment.split) == (True, 42, "pooled")
+    assert paper.intermediate.interpolation == "nearest" and not paper.intermediate.frozen_augmentation
+    assert clean.intermediate.interpolation == "bilinear" and not clean.segment.eval_log_softmax
+
+
+def test_intel_interpolation_reaches_the_decoded_images(paths):
+    from studylib.data.readers import load_intel
+
+    near = load_intel(paths.intel, "train", 32, paths.cache, interpolation="nearest").images
+    bil = load_intel(paths.intel, "train", 32, paths.cache, interpolation="bilinear").images
+    assert near.shape == bil.shape and not (near == bil).all()

@@ -67,7 +67,8 @@ def patch_tokens(
 
     Layer k >= 0 is the output of block k *without* the final LayerNorm (forward_intermediates(norm=False));
     a negative k other than -1 means block depth + k, also un-normed; layer -1 is the encoder's final
-    output after the last LayerNorm, i.e. forward_features(x)[:, 1:] (the tokens the paper measures).
+    output after the last LayerNorm, i.e. encoder.patch_features(x) (the dense path: no CLS token in the
+    sequence, the tokens the authors measure).
     `layers=None` means every block 0..depth-1 and then -1.
 
     Inputs are scaled to [0, 1] (uint8 / 255; float inputs are taken as already in [0, 1]) and, when
@@ -92,7 +93,7 @@ def patch_tokens(
             if normalize:
                 x = A.normalize(x)
             # one pass serves every layer: the last block's un-normed output through encoder.norm is
-            # exactly forward_features(x)[:, 1:] because LayerNorm acts on each token separately
+            # exactly patch_features(x) because LayerNorm acts on each token separately
             taken = dict(zip(blocks, encoder.forward_intermediates(x, indices=blocks, norm=False)))
             for k in layers:
                 t = encoder.norm(taken[depth - 1]) if k == -1 else taken[k % depth]

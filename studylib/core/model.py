@@ -110,10 +110,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViNy(nn.Module):
-    """The encoder alone: patch embedding, CLS token, learned positions, blocks, final norm."""
+INITS = ("trunc_normal", "torch")
 
-    def __init__(self, cfg: ViTConfig):
+
+class ViNy(nn.Module):
+    """The encoder alone: patch embedding, CLS token, learned positions, blocks, final norm.
+
+    The CLS token enters the sequence only for classification (`cls=True`); the dense paths (masked
+    image modelling, segmentation, per-patch heads, geometry) feed the N patch tokens with positions
+    pos_embed[:, 1:], as the authors do, so a CLS token trained by a classification stage cannot
+    steer the patch tokens downstream.
+
+    init: 'trunc_normal' (Linear weights trunc-normal 0.02, zero biases: timm/MAE) or 'torch'
+    (PyTorch's default Linear init, the authors' code)."""
+
+    def __init__(self, cfg: ViTConfig, init: str = "trunc_normal"):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
@@ -122,33 +133,43 @@ class ViNy(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches + 1, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
-        self.apply(_init_linear)
+        init_linears(self, init)
 
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, 3, H, W] -> patch embeddings [B, N, D] (before CLS and positions)."""
         return self.patch_embed(imgs)
 
-    def encode(self, tokens: torch.Tensor, layers: list[int] | None = None):
-        """Patch embeddings [B, N, D] -> normed sequence [B, 1+N, D]; with `layers`, also the
-        un-normed patch tokens [B, N, D] after each listed block (0-based)."""
-        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+    def encode(self, tokens: torch.Tensor, layers: list[int] | None = None, cls: bool = False):
+        """Patch embeddings [B, N, D] -> normed sequence: [B, N, D] patch tokens only, or [B, 1+N, D]
+        with the CLS token first when `cls`; with `layers`, also the un-normed patch tokens [B, N, D]
+        after each listed block (0-based)."""
+        if cls:
+            x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        else:
+            x = tokens + self.pos_embed[:, 1:]
+        first = 1 if cls else 0
         taken = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if layers is not None and i in layers:
-                taken.append(x[:, 1:])
+                taken.append(x[:, first:])
         x = self.norm(x)
         return x if layers is None else (x, taken)
 
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, 1+N, D], CLS first, after the final LayerNorm."""
-        return self.encode(self.embed(imgs))
+    def forward_features(self, imgs: torch.Tensor, cls: bool = True) -> torch.Tensor:
+        """[B, 3, H, W] -> after the final LayerNorm: [B, 1+N, D] with CLS first (classification), or
+        the dense path's [B, N, D] patch tokens when cls=False."""
+        return self.encode(self.embed(imgs), cls=cls)
+
+    def patch_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The dense path: [B, 3, H, W] -> [B, N, D] patch tokens, no CLS token in the sequence."""
+        return self.forward_features(imgs, cls=False)
 
     def forward_intermediates(
         self, imgs: torch.Tensor, indices: list[int] | None = None, norm: bool = True
     ) -> list[torch.Tensor]:
-        """Patch tokens [B, N, D] after each block in `indices` (default all), through the final
-        LayerNorm when `norm` (timm's convention, so the last one equals forward_features' tokens)."""
+        """Dense-path patch tokens [B, N, D] after each block in `indices` (default all), through the
+        final LayerNorm when `norm` (timm's convention, so the last one equals patch_features)."""
         indices = list(range(len(self.blocks))) if indices is None else [i % len(self.blocks) for i in indices]
         _, taken = self.encode(self.embed(imgs), layers=indices)
         return [self.norm(t) if norm else t for t in taken]
@@ -157,40 +178,50 @@ class ViNy(nn.Module):
         return self.forward_features(imgs)
 
 
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+def init_linears(module: nn.Module, init: str = "trunc_normal") -> None:
+    """Initialise every Linear of `module`: 'trunc_normal' (std 0.02, zero biases) or 'torch' (keep
+    PyTorch's default, uniform in +-1/sqrt(fan_in) for weights and biases, as the authors did)."""
+    if init not in INITS:
+        raise ValueError(f"init: {init!r} is not one of {', '.join(INITS)}")
+    if init == "torch":
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class MaskedImageModel(nn.Module):
     """SimMIM-style: a learned mask token replaces masked patch embeddings *before* the encoder
     (the whole sequence goes through, unlike MAE); a linear head predicts each patch's pixels."""
 
-    def __init__(self, encoder: ViNy):
+    def __init__(self, encoder: ViNy, init: str = "trunc_normal"):
         super().__init__()
         self.encoder = encoder
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.cfg.dim))
-        trunc_normal_(self.mask_token, std=0.02)
+        if init == "torch":  # the authors: a standard-normal mask token
+            nn.init.normal_(self.mask_token)
+        else:
+            trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(encoder.cfg.dim, encoder.cfg.patch_dim)
-        _init_linear(self.head)
+        init_linears(self.head, init)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs [B, 3, H, W], mask [B, N] bool (True = masked) -> predicted pixels [B, N, p*p*3]."""
         tokens = self.encoder.embed(imgs)
         tokens = torch.where(mask.unsqueeze(-1), self.mask_token.to(tokens.dtype), tokens)
-        return self.head(self.encoder.encode(tokens)[:, 1:])
+        return self.head(self.encoder.encode(tokens))  # the dense path: patch tokens only
 
 
 class Classifier(nn.Module):
     """Linear head on the CLS output (the intermediate stage)."""
 
-    def __init__(self, encoder: ViNy, num_classes: int):
+    def __init__(self, encoder: ViNy, num_classes: int, init: str = "trunc_normal"):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.cfg.dim, num_classes)
-        _init_linear(self.head)
+        init_linears(self.head, init)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(imgs)[:, 0])  # [B, K]
@@ -200,33 +231,33 @@ class Segmenter(nn.Module):
     """The paper's per-patch head: Linear(D -> p*p*K) reshaped into the patch's pixels, no decoder.
     The CLS token is not used."""
 
-    def __init__(self, encoder: ViNy, num_classes: int = 3):
+    def __init__(self, encoder: ViNy, num_classes: int = 3, init: str = "trunc_normal"):
         super().__init__()
         self.encoder = encoder
         self.num_classes = num_classes
         self.head = nn.Linear(encoder.cfg.dim, encoder.cfg.patch_size**2 * num_classes)
-        _init_linear(self.head)
+        init_linears(self.head, init)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.encoder(imgs)[:, 1:])  # [B, N, p*p*K]
+        logits = self.head(self.encoder.patch_features(imgs))  # [B, N, p*p*K]
         return unpatchify(logits, self.encoder.cfg.patch_size, self.num_classes)  # [B, K, H, W]
 
 
 class PatchClassifier(nn.Module):
     """Linear head on every patch token (the "spatial" intermediate task): [B, N, K] logits."""
 
-    def __init__(self, encoder: ViNy, num_classes: int = 3):
+    def __init__(self, encoder: ViNy, num_classes: int = 3, init: str = "trunc_normal"):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(encoder.cfg.dim, num_classes)
-        _init_linear(self.head)
+        init_linears(self.head, init)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(imgs)[:, 1:])
+        return self.head(self.encoder.patch_features(imgs))
 
 
-def build_encoder(name: str) -> ViNy:
-    return ViNy(model_config(name))
+def build_encoder(name: str, init: str = "trunc_normal") -> ViNy:
+    return ViNy(model_config(name), init)
 
 
 # ---------------------------------------------------------------- encoder files (safetensors, no pickle)

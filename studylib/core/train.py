@@ -40,6 +40,8 @@ class Schedule:
     weight_decay: float = 0.0
     milestones: list[float] = field(default_factory=list)  # fractions of epochs
     gamma: float = 0.1
+    decay_all: bool = False  # weight decay on every parameter (the authors), not only on weight matrices
+    precision: str = "bf16"  # "bf16": autocast on a GPU that has bf16; "fp32": never
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule: multiply by gamma at each milestone epoch (round(fraction * epochs))."""
@@ -66,11 +68,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and learned tokens (timm / MAE convention)."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """No weight decay on biases, norms and learned tokens (timm / MAE convention), unless `decay_all`
+    (the authors' code decays every parameter)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token")):
+        if not decay_all and (p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "mask_token"))):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -78,7 +81,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, sched: Schedule, device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, sched.weight_decay), lr=sched.lr, fused=device.type == "cuda")
+    groups = param_groups(model, sched.weight_decay, sched.decay_all)
+    return torch.optim.AdamW(groups, lr=sched.lr, fused=device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on a GPU that supports it when precision is 'bf16'; otherwise full fp32."""
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors, no pickle)
@@ -135,7 +146,7 @@ def fit(
         start, history = meta["epoch"], meta["history"]
     # the log holds exactly the checkpointed epochs (a crash may have logged one more)
     atomic_write_text(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in history))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = autocast(device, sched.precision)
     steps_per_epoch = -(-n_train // sched.batch_size)
     bar = tqdm(
         total=sched.epochs * steps_per_epoch,

@@ -245,7 +245,12 @@ def intel_split_dir(root: str | Path, split: str) -> Path:
 
 
 def load_intel(
-    root: str | Path, split: str, size: int, cache_dir: str | Path | None = None, skip: bool = False
+    root: str | Path,
+    split: str,
+    size: int,
+    cache_dir: str | Path | None = None,
+    skip: bool = False,
+    interpolation: str = "bilinear",
 ) -> ClassData:
     base = intel_split_dir(root, split)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
@@ -257,7 +262,12 @@ def load_intel(
         paths += files
         labels += [k] * len(files)
     images, bad = cached_stack(
-        paths, f"intel-img|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
+        paths,
+        f"intel-img|{size}|{interpolation}",
+        lambda p: decode_image(p, size, interpolation),
+        cache_dir,
+        (0, size, size, 3),
+        skip,
     )
     keep = [i for i in range(len(paths)) if i not in set(bad)]
     return ClassData(

@@ -10,29 +10,30 @@ from studylib.data.readers import SegData, load_pets, nested_subset
 
 def segmentation_split(paths, s, n_train: int, seed: int, img_size: int, all_but_test: bool = False):
     """Train and test sets of the Pets data (trainval and test lists).
-    'fixed' (clean): both lists pooled; the test set is one seeded subset (seed 0) that is the same
-      for every fine-tune size and seed; train sets are nested seeded subsets of the rest.
+    'fixed' (clean): both lists pooled; the test set is one subset (seeded by s.split_seed) that is the
+      same for every fine-tune size and seed; train sets are nested subsets of the rest, seeded by `seed`.
     'official': train = a nested seeded subset of trainval, test = a fixed subset of test.txt.
-    'pooled' (the paper): one permutation per seed, train = the first n, test = the next test_size,
-      so the test set moves with the fine-tune size.
+    'pooled' (the paper): the pooled data permuted once, as torch's random_split does, with a generator
+      seeded by s.split_seed (the authors: 42) for every run; train = the first n, test = the next
+      test_size. Two seeds of one size share train and test sets; the test set moves with the size.
     With `all_but_test`, the train set is every image outside that test set (intermediate arms).
-    `paths`: data.sources.DataPaths; `s`: the segment settings (split, test_size, interpolation)."""
+    `paths`: data.sources.DataPaths; `s`: the segment settings (split, split_seed, test_size, interpolation)."""
     trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
     if s.split == "official":
         _check_sizes(n_train, len(trainval), s.test_size, len(test), "trainval", "test.txt")
         train_idx = np.arange(len(trainval)) if all_but_test else nested_subset(len(trainval), n_train, seed)
-        return trainval.subset(train_idx), test.subset(nested_subset(len(test), s.test_size, 0))
+        return trainval.subset(train_idx), test.subset(nested_subset(len(test), s.test_size, s.split_seed))
     pool = _concat(trainval, test)
     _check_sizes(
         n_train, len(pool) - s.test_size, s.test_size, len(pool), "the pooled data less the test set", "the pooled data"
     )
     if s.split == "pooled":
-        perm = nested_subset(len(pool), len(pool), seed)
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(s.split_seed)).numpy()
         test_idx = perm[n_train : n_train + s.test_size]
         train_idx = np.concatenate([perm[:n_train], perm[n_train + s.test_size :]]) if all_but_test else perm[:n_train]
         return pool.subset(train_idx), pool.subset(test_idx)
-    fixed = nested_subset(len(pool), len(pool), 0)
+    fixed = nested_subset(len(pool), len(pool), s.split_seed)
     rest = fixed[s.test_size :]
     train_idx = rest if all_but_test else rest[nested_subset(len(rest), n_train, seed)]
     return pool.subset(train_idx), pool.subset(fixed[: s.test_size])

@@ -79,9 +79,14 @@ class StageConfig:
     weight_decay: float = 0.0
     milestones: list[float] = field(default_factory=list)  # fractions of `epochs` where lr *= gamma
     gamma: float = 0.1
+    init: str = "trunc_normal"  # paper ("torch"): PyTorch's default Linear init, standard-normal mask token
+    decay_all: bool = False  # paper quirk (True): weight decay on every parameter, norms and biases too
+    precision: str = "bf16"  # bf16 autocast on a GPU (fp32 on a CPU); paper: "fp32" everywhere
 
     def __post_init__(self):
         check_types(self)
+        one_of(self, "init", ("trunc_normal", "torch"))
+        one_of(self, "precision", ("bf16", "fp32"))
         at_least(self, "epochs", 1)
         at_least(self, "batch_size", 1)
         positive(self, "lr")
@@ -129,11 +134,13 @@ class IntermediateConfig(StageConfig):
     gamma: float = 0.1
     mixup_alpha: float = 0.1
     contrast: float = 0.3
-    frozen_augmentation: bool = False  # paper quirk: one random flip/jitter per image for all epochs
+    frozen_augmentation: bool = False  # one random flip/jitter per image for all epochs (the authors: fresh)
     share: bool = True  # paper quirk (False): re-run the stage for every downstream run
+    interpolation: str = "bilinear"  # paper quirk ("nearest"): Intel images resized with nearest neighbour
 
     def __post_init__(self):
         super().__post_init__()
+        one_of(self, "interpolation", ("bilinear", "nearest", "bicubic"))
         require(self, "mixup_alpha", self.mixup_alpha >= 0, "at least 0 (0: no MixUp)")
         require(self, "contrast", self.contrast >= 0, "at least 0 (factors drawn from [1 - c, 1 + c])")
 
@@ -154,6 +161,8 @@ class SegmentConfig(StageConfig):
     split: str = "fixed"  # fixed test subset of trainval+test; "official": the lists; paper: "pooled"
     frozen_augmentation: bool = False  # paper quirk: one random augmentation per image, frozen for all epochs
     test_augmentation: bool = False  # paper quirk: the frozen random flip/jitter also applied to the test set
+    eval_log_softmax: bool = False  # paper quirk: predict the argmax of the pixel-log-softmaxed logits
+    split_seed: int = 0  # seed of the one permutation of the pooled data (paper: 42, the same for every run)
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,6 +170,7 @@ class SegmentConfig(StageConfig):
         at_least(self, "test_size", 1)
         one_of(self, "interpolation", ("bilinear", "nearest", "bicubic"))
         one_of(self, "split", ("fixed", "official", "pooled"))
+        at_least(self, "split_seed", 0)
 
 
 @dataclass
@@ -223,13 +233,19 @@ class StudyConfig:
             )
 
 
+# What the authors' code does in every stage: PyTorch's default init, weight decay on every parameter, fp32.
+_AUTHORS_TRAINING = {"init": "torch", "decay_all": True, "precision": "fp32"}
+
 # What `protocol: paper` changes relative to the clean defaults; explicit keys in a file still win.
 PROTOCOLS = {
     "clean": {},
     "paper": {
-        "pretrain": {"loss_per_masked_count": True},
-        "intermediate": {"frozen_augmentation": True, "share": False},
+        "pretrain": {"loss_per_masked_count": True, **_AUTHORS_TRAINING},
+        "intermediate": {"share": False, "interpolation": "nearest", **_AUTHORS_TRAINING},
         "segment": {
+            **_AUTHORS_TRAINING,
+            "eval_log_softmax": True,
+            "split_seed": 42,
             "normalize": False,
             "interpolation": "nearest",
             "spatial_log_softmax": True,

@@ -81,7 +81,7 @@ def plan(cfg: StudyConfig) -> list[Run]:
                         params = {**common, "settings": asdict(cfg.intermediate), "seed": seed, "arm": arm}
                         if arm != "intel":  # Pets arms: the downstream split defines their images
                             params["pets_split"] = {
-                                k: asdict(cfg.segment)[k] for k in ("split", "test_size", "interpolation")
+                                k: asdict(cfg.segment)[k] for k in ("split", "test_size", "interpolation", "split_seed")
                             }
                         if not cfg.intermediate.share:  # the authors' pipeline: one per downstream run
                             params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}

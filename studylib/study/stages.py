@@ -64,15 +64,15 @@ def exclusive(stage):
 
 
 def _schedule(s) -> Schedule:
-    return Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay, list(s.milestones), s.gamma)
+    return Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay, list(s.milestones), s.gamma, s.decay_all, s.precision)
 
 
-def _encoder(model: str, parent_dir: str, seed: int):
+def _encoder(model: str, parent_dir: str, seed: int, init: str = "trunc_normal"):
     """A fresh encoder (seeded init) or the parent run's trained one."""
     torch.manual_seed(seed)
     if parent_dir:
         return RunFolder(parent_dir).load_encoder()
-    return build_encoder(model)
+    return build_encoder(model, init)
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def pretrain(
     """SimMIM pre-training of a fresh encoder on `size` unlabeled images."""
     s = build(PretrainConfig, settings or {}, "pretrain")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
-    task = MaskedImageModel(_encoder(model, "", seed))
+    task = MaskedImageModel(_encoder(model, "", seed, s.init), s.init)
     cfg = task.encoder.cfg
     cached = round(cfg.img_size * (1 + s.cache_margin))  # crops are taken from a slightly larger copy
     image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable)
@@ -174,11 +174,11 @@ def intermediate(
         raise ValueError(f"intermediate arm {arm!r} is not one of {', '.join(ARMS[1:])}")
     s = build(IntermediateConfig, settings or {}, "intermediate")
     run_dir, dev, paths = Path(run_dir), resolve_device(device), resolve_data(data)
-    enc = _encoder(model, parent_dir, seed)
+    enc = _encoder(model, parent_dir, seed, s.init)
     S = enc.cfg.img_size
     if arm == "intel":
-        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable)
-        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable)
+        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable, s.interpolation)
+        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable, s.interpolation)
         classes, train_y, test_y = train.classes, train.labels, test.labels
     else:
         seg = build(SegmentConfig, pets_split or {}, "pets_split")
@@ -193,7 +193,7 @@ def intermediate(
             classes = list(PET_CLASSES)
             train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
     K = len(classes)
-    task = PatchClassifier(enc, K) if arm == "spatial" else Classifier(enc, K)
+    task = PatchClassifier(enc, K, s.init) if arm == "spatial" else Classifier(enc, K, s.init)
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
@@ -246,6 +246,17 @@ def intermediate(
 # ---------------------------------------------------------------- stage 3: trimap segmentation
 
 
+def pixel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """The authors' extra normalisation: log-softmax of [B, K, H, W] logits over the pixel axis."""
+    return F.log_softmax(logits.flatten(2), dim=2).view_as(logits)
+
+
+def predict_classes(logits: torch.Tensor, eval_log_softmax: bool = False) -> torch.Tensor:
+    """Per-pixel classes [B, H, W] from [B, K, H, W] logits: the argmax over classes, taken (as the
+    authors did, `eval_log_softmax`) after the pixel-axis log-softmax, which can change it."""
+    return (pixel_log_softmax(logits) if eval_log_softmax else logits).argmax(1)
+
+
 def _flip_contrast(n: int, contrast: float, g: torch.Generator) -> dict:
     """Per-image draws of the flip and contrast jitter (drawn once per epoch, or once for all)."""
     return {"flip": A.random_flips(n, g), "contrast": A.contrast_factors(n, contrast, g)}
@@ -275,9 +286,9 @@ def segment(
     """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""
     s = build(SegmentConfig, settings or {}, "segment")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
-    enc = _encoder(model, parent_dir, seed)
+    enc = _encoder(model, parent_dir, seed, s.init)
     train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
-    task = Segmenter(enc, len(PET_CLASSES))
+    task = Segmenter(enc, len(PET_CLASSES), s.init)
     # the paper froze one random augmentation per image for all epochs (and the test set)
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
@@ -288,7 +299,7 @@ def segment(
         x, y = _seg_apply(train.images[idx], train.masks[idx], p, s, dev)
         logits = task(x).float()  # [B, K, H, W]
         if s.spatial_log_softmax:  # the authors' extra normalisation over the pixel axis
-            logits = F.log_softmax(logits.flatten(2), dim=2).view_as(logits)
+            logits = pixel_log_softmax(logits)
         return F.cross_entropy(logits, y)
 
     t0 = time.time()
@@ -305,7 +316,7 @@ def segment(
     def predict(sl):
         p = {k: v[sl] for k, v in test_aug.items()} if test_aug else None
         x, y = _seg_apply(test.images[sl], test.masks[sl], p, s, dev, augment=test_aug is not None)
-        return task(x).argmax(1).cpu(), y.cpu()
+        return predict_classes(task(x).float(), s.eval_log_softmax).cpu(), y.cpu()
 
     for _, (pred, y) in _batched(predict, len(test)):
         meter.update(pred, y)
@@ -319,6 +330,7 @@ def segment(
         "stage": "segment",
         "train_images": len(train),
         "test_images": len(test),
+        "test_names": list(test.names),  # so any two runs can be checked for a shared test set
         "epochs": s.epochs,
         "skipped": sorted(set(train.skipped + test.skipped)),
         **report,

@@ -13,6 +13,7 @@ from studylib.core.augment import normalize, to_float
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
 from studylib.study.config import SegmentConfig, build
+from studylib.study.stages import predict_classes
 from studylib.study.store import RunFolder
 
 
@@ -25,7 +26,7 @@ def predictions(run_dir: str, n: int = 16) -> dict:
     _, test = segmentation_split(resolve_data(p["data"]), s, p["size"], p["seed"], model.encoder.cfg.img_size)
     x = to_float(test.images[:n])
     with torch.no_grad():
-        pred = model(normalize(x) if s.normalize else x).argmax(1)
+        pred = predict_classes(model(normalize(x) if s.normalize else x).float(), s.eval_log_softmax)
     return {"images": test.images[:n], "masks": test.masks[:n], "pred": pred, "names": test.names[:n]}
 
 
