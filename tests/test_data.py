@@ -253,6 +253,30 @@ def test_unreadable_image_names_the_file(folder, tmp_path):
     assert "x.jpg" in str(e.value)
 
 
+def test_aspect_kept_image_set_layout(folder, tmp_path):
+    _save(Image.new("RGB", (16, 32), (200, 200, 200)), folder / "n04" / "tall.png", "PNG")  # 1:2 portrait
+    s = D.load_image_set(folder, 7, S, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
+    assert s.images.shape == (7, 3, S, 2 * S) and s.sizes.shape == (7, 2) and s.sizes.dtype == torch.int64
+    tall = [i for i, img in enumerate(s.images) if int(img[0, 0, 0]) == 200]
+    assert len(tall) == 1
+    assert s.sizes[tall[0]].tolist() == [2 * S, S]  # (height, width) in the image's own orientation
+    others = [i for i in range(7) if i != tall[0]]
+    assert (s.sizes[others] == S).all()
+    assert _greys(s.images) == {v for _, _, v in UNLABELED} | {200}
+
+
+def test_aspect_kept_image_set_skips_unreadable_files(folder, tmp_path):
+    (folder / "n02" / "x.jpg").write_bytes(b"\x00garbage bytes, not a JPEG\xff" * 20)
+    whole = (folder / "n01" / "a.JPEG").read_bytes()
+    (folder / "n01" / "a.JPEG").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels do not
+    with pytest.raises(DataError, match="a.JPEG|x.jpg"):
+        D.load_image_set(folder, 7, S, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
+    s = D.load_image_set(folder, 7, S, seed=0, cache_dir=tmp_path / "cache", skip=True, max_aspect=2.0)
+    assert sorted(Path(f).name for f in s.skipped) == ["a.JPEG", "x.jpg"]
+    assert len(s.images) == len(s.sizes) == len(s.labels) == 5
+    assert _greys(s.images) == {v for _, _, v in UNLABELED} - {10}
+
+
 # ------------------------------------------------------------------------------------------ the cache
 
 

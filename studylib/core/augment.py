@@ -3,6 +3,10 @@
 Every random choice comes from an explicit torch.Generator, so a run is reproducible and resumes
 bit-for-bit. Geometry (random resized crop, flip) is one affine sampling grid per image, so an image
 and its trimap get exactly the same transform (bilinear for pixels, nearest for labels).
+
+Pre-training crops follow torchvision's RandomResizedCrop on each image's own (aspect-kept) pixels:
+random_resized_crop_params draws (top, left, height, width) per image, crop_grid places them in the
+padded array the image set is stored in (long side along the width, portrait images transposed).
 """
 
 from __future__ import annotations
@@ -32,20 +36,76 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def random_resized_crop_boxes(
-    n: int, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), g: torch.Generator | None = None
+def random_resized_crop_params(
+    sizes: torch.Tensor,
+    scale=(0.67, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    g: torch.Generator | None = None,
+    tries: int = 10,
 ) -> torch.Tensor:
-    """[n, 4] boxes (cx, cy, w, h) as fractions of the image, torchvision's RandomResizedCrop
-    distribution: area ~ U(scale), log aspect ~ U(log ratio); crops that do not fit are clipped
-    to the image (torchvision retries then falls back to a centre crop; clipping keeps it one pass)."""
-    area = _uniform(n, scale[0], scale[1], g)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).clamp(max=1.0)
-    h = torch.sqrt(area / r).clamp(max=1.0)
-    cx = w / 2 + (1 - w) * torch.rand(n, generator=g)
-    cy = h / 2 + (1 - h) * torch.rand(n, generator=g)
-    return torch.stack([cx, cy, w, h], dim=1)
+    """torchvision's RandomResizedCrop.get_params for a batch: [n, 4] crops (top, left, height, width)
+    in whole pixels of each image's own coordinates, `sizes` being the images' valid [n, 2] (height,
+    width). Per image: up to `tries` draws of an area fraction ~ U(scale) of the image area and a log
+    aspect ~ U(log ratio), the first whose rounded crop fits being taken at a uniform position; when
+    none fits, the central crop with the aspect clamped to `ratio`. Every draw comes from `g` (made for
+    all tries at once, so a batch costs a fixed number of draws); the result is on `sizes`' device."""
+    out_device = sizes.device
+    dev = g.device if g is not None else out_device
+    H, W = sizes.to(dev, torch.float64).unbind(1)
+    n = len(H)
+    area_frac = scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=g, device=dev, dtype=torch.float64)
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=g, device=dev, dtype=torch.float64))
+    pos = torch.rand(n, 2, generator=g, device=dev, dtype=torch.float64)
+    target = (H * W)[:, None] * area_frac
+    w, h = torch.round(torch.sqrt(target * r)), torch.round(torch.sqrt(target / r))
+    fits = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    found = fits.any(1)
+    # fallback: torchvision's central crop, the aspect clamped to the ratio range
+    in_ratio = W / H
+    tall, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    fw = torch.where(wide, torch.round(H * max(ratio)), W)
+    fh = torch.where(tall, torch.round(W / min(ratio)), H)
+    cw = torch.where(found, w.gather(1, first).squeeze(1), fw)
+    ch = torch.where(found, h.gather(1, first).squeeze(1), fh)
+    top = torch.where(found, torch.floor(pos[:, 0] * (H - ch + 1)), torch.floor((H - ch) / 2))
+    left = torch.where(found, torch.floor(pos[:, 1] * (W - cw + 1)), torch.floor((W - cw) / 2))
+    top, left = torch.minimum(top, H - ch), torch.minimum(left, W - cw)  # pos < 1; guards rounding only
+    return torch.stack([top, left, ch, cw], dim=1).float().to(out_device)
+
+
+def whole_image_params(sizes: torch.Tensor) -> torch.Tensor:
+    """[n, 4] crops (top, left, height, width) covering each image's whole valid area."""
+    hw = sizes.float()
+    return torch.cat([torch.zeros_like(hw), hw], dim=1)
+
+
+def stored_transposed(sizes: torch.Tensor) -> torch.Tensor:
+    """The storage rule of an aspect-kept image set (studylib.data.readers.load_image_set): each image
+    lies with its long side along the array's width, so one whose height exceeds its width is stored
+    transposed."""
+    return sizes[:, 0] > sizes[:, 1]
+
+
+def canvas_boxes(params: torch.Tensor, sizes: torch.Tensor, canvas) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel crops (top, left, height, width) of images stored top-left in a [rows, cols] `canvas`
+    (long side along the width, see stored_transposed) -> boxes (cx, cy, w, h) as fractions of the
+    canvas seen in each image's own orientation, and the per-image transpose flags for affine_grid."""
+    rows, cols = canvas
+    transposed = stored_transposed(sizes).to(params.device)
+    top, left, h, w = params.float().unbind(1)
+    width = torch.where(transposed, float(rows), float(cols))  # the canvas in the image's orientation
+    height = torch.where(transposed, float(cols), float(rows))
+    boxes = torch.stack([(left + w / 2) / width, (top + h / 2) / height, w / width, h / height], dim=1)
+    return boxes, transposed
+
+
+def crop_grid(params: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, size: int, canvas, device):
+    """Sampling grid [n, size, size, 2] that resamples each pixel crop of an aspect-kept image set
+    (stored in a [rows, cols] canvas) to size x size, mirrored where flipped."""
+    boxes, transposed = canvas_boxes(params, sizes, canvas)
+    return affine_grid(boxes, flips, size, device, transposed)
 
 
 def full_boxes(n: int) -> torch.Tensor:
@@ -56,8 +116,12 @@ def random_flips(n: int, g: torch.Generator | None = None, p: float = 0.5) -> to
     return torch.rand(n, generator=g) < p
 
 
-def affine_grid(boxes: torch.Tensor, flips: torch.Tensor, size: int, device) -> torch.Tensor:
-    """Sampling grid [n, size, size, 2] that maps the output onto each box, mirrored where flipped."""
+def affine_grid(
+    boxes: torch.Tensor, flips: torch.Tensor, size: int, device, transposed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sampling grid [n, size, size, 2] that maps the output onto each box (cx, cy, w, h as fractions
+    of the input), mirrored where flipped. Where `transposed`, the input holds the image transposed
+    (rows and columns swapped) and the box is given in the image's own orientation."""
     boxes, flips = boxes.to(device), flips.to(device)
     n = len(boxes)
     theta = torch.zeros(n, 2, 3, device=device)
@@ -66,6 +130,8 @@ def affine_grid(boxes: torch.Tensor, flips: torch.Tensor, size: int, device) -> 
     theta[:, 0, 2] = boxes[:, 0] * 2 - 1
     theta[:, 1, 1] = boxes[:, 3]
     theta[:, 1, 2] = boxes[:, 1] * 2 - 1
+    if transposed is not None:  # the output's x reads the stored rows, its y the stored columns
+        theta = torch.where(transposed.to(device).view(n, 1, 1), theta.flip(1), theta)
     return F.affine_grid(theta, [n, 1, size, size], align_corners=False)
 
 

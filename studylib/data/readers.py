@@ -290,11 +290,82 @@ def nested_subset(n_total: int, n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n_total)[:n]
 
 
+@dataclass
+class ImageSet(ClassData):
+    """Unlabeled images (labels: positions in the sorted file list). Aspect-kept sets (max_aspect given)
+    hold images [N, 3, C, L]: each image scaled so its short side is C, its long side bounded at L,
+    stored from the top-left with the long side along the width (an image taller than wide is stored
+    transposed, see studylib.core.augment.stored_transposed) and the rest edge-padded; `sizes` [N, 2]
+    holds each image's valid (height, width) in its own orientation. Square sets: [N, 3, S, S], sizes S."""
+
+    sizes: torch.Tensor | None = None
+
+
+def aspect_geometry(width: int, height: int, short: int, max_aspect: float):
+    """The aspect-kept resize of a width x height image: the short side becomes `short`, the long side
+    round(long * scale) but at most round(short * max_aspect), the excess cut evenly from both ends of
+    the long axis (the central part is kept). Returns the output (width, height) and the source box
+    (left, top, right, bottom) it is resampled from.
+
+    Why a bound of 2: RandomResizedCrop with area >= 0.67 and aspect <= 4/3 finds no crop that fits an
+    image more elongated than (4/3) / 0.67 = 1.99, and falls back to its central crop of aspect 4/3,
+    which the central 2:1 part holds; so for the paper's settings the bound drops no possible crop."""
+    s = short / min(width, height)
+    long_side = max(width, height)
+    out_long = min(round(long_side * s), round(short * max_aspect))
+    extent = min(float(long_side), out_long / s)  # source length along the long axis
+    off = (long_side - extent) / 2
+    if width >= height:
+        return (out_long, short), (off, 0.0, off + extent, float(height))
+    return (short, out_long), (0.0, off, float(width), off + extent)
+
+
+def decode_image_aspect(path: Path, short: int, max_aspect: float) -> np.ndarray:
+    """Decode by content to RGB, aspect kept (aspect_geometry), laid out [short, L, 3] with
+    L = round(short * max_aspect): long side along the width (portrait images transposed), from the
+    left, padded by repeating the last column (so bilinear sampling at the valid edge sees the edge)."""
+    bound = round(short * max_aspect)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            size, box = aspect_geometry(im.width, im.height, short, max_aspect)
+            arr = np.asarray(im.resize(size, RESAMPLE["bilinear"], box=box), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+    if arr.shape[0] > arr.shape[1]:
+        arr = arr.transpose(1, 0, 2)
+    return np.pad(arr, ((0, 0), (0, bound - arr.shape[1]), (0, 0)), mode="edge")
+
+
+def image_valid_size(path: Path, short: int, max_aspect: float) -> np.ndarray:
+    """The (height, width) decode_image_aspect gives the image, from its header alone."""
+    try:
+        with Image.open(path) as im:
+            (w, h), _ = aspect_geometry(im.width, im.height, short, max_aspect)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+    return np.array([h, w], np.int32)
+
+
 def load_image_set(
-    root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None, skip: bool = False
-) -> ClassData:
-    """A seeded, nested subset of n unlabeled images -> images [m, 3, S, S] uint8 (m = n less any
-    unreadable files when skipping); labels are the subset's positions in the sorted file list."""
+    root: str | Path,
+    n: int,
+    size: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    skip: bool = False,
+    max_aspect: float | None = None,
+) -> ImageSet:
+    """A seeded, nested subset of n unlabeled images (m = n less any unreadable files when skipping);
+    labels are the subset's positions in the sorted file list. Without `max_aspect` every image is
+    squashed to [3, size, size]; with it (>= 1) the aspect is kept: short side `size`, long side at most
+    round(size * max_aspect), laid out as ImageSet describes, valid sizes in `sizes`."""
     paths = list_images(root)
     if n > len(paths):
         raise DataError(
@@ -303,11 +374,41 @@ def load_image_set(
         )
     order = sorted(nested_subset(len(paths), n, seed))
     chosen = [paths[i] for i in order]
-    arr, bad = cached_stack(
-        chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
-    )
+    if max_aspect is None:
+        arr, bad = cached_stack(
+            chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
+        )
+        sizes = np.full((len(chosen), 2), size, np.int32)
+    else:
+        if max_aspect < 1:
+            raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
+        bound = round(size * max_aspect)
+        what = f"{size}|{bound}|{max_aspect}|bilinear|short-side-top-left-long-along-width"
+        arr, bad_img = cached_stack(
+            chosen,
+            f"images-aspect|{what}",
+            lambda p: decode_image_aspect(p, size, max_aspect),
+            cache_dir,
+            (0, size, bound, 3),
+            skip,
+        )
+        sizes, bad_size = cached_stack(
+            chosen,
+            f"images-aspect-sizes|{what}",
+            lambda p: image_valid_size(p, size, max_aspect),
+            cache_dir,
+            (0, 2),
+            skip,
+        )
+        bad = sorted(set(bad_img) | set(bad_size))
     keep = [i for i in range(len(chosen)) if i not in set(bad)]
-    return ClassData(_chw(arr[keep]), torch.tensor(order, dtype=torch.long)[keep], [], [str(chosen[i]) for i in bad])
+    return ImageSet(
+        _chw(arr[keep]),
+        torch.tensor(order, dtype=torch.long)[keep],
+        [],
+        [str(chosen[i]) for i in bad],
+        torch.from_numpy(np.asarray(sizes[keep], np.int64)),
+    )
 
 
 def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None) -> torch.Tensor:

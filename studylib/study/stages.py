@@ -99,16 +99,22 @@ def pretrain(
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed, s.init), s.init)
     cfg = task.encoder.cfg
-    cached = round(cfg.img_size * (1 + s.cache_margin))  # crops are taken from a slightly larger copy
-    image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable)
-    images = image_set.images
+    # crops are taken, as the authors' RandomResizedCrop on the full image, from a copy with the aspect
+    # kept: short side a little larger than the model input, long side at most twice that, the excess
+    # cut from both ends (no crop of the paper's settings needs more: see readers.aspect_geometry)
+    cached = round(cfg.img_size * (1 + s.cache_margin))
+    image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0)
+    images, sizes = image_set.images, image_set.sizes
+    canvas = tuple(images.shape[-2:])
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
-    def batch(idx, g, boxes=None):
-        x = A.to_float(images[idx].to(dev))
-        boxes = A.random_resized_crop_boxes(len(x), tuple(s.crop_scale), g=g) if boxes is None else boxes
+    def batch(idx, g, crops=None):
+        """Images idx cropped (random crops drawn from g unless `crops` are given), resized, flipped
+        (when g is given), normalised; with one mask each."""
+        x, hw = A.to_float(images[idx].to(dev)), sizes[idx]
+        crops = A.random_resized_crop_params(hw, tuple(s.crop_scale), g=g) if crops is None else crops
         flips = A.random_flips(len(x), g) if g is not None else torch.zeros(len(x), dtype=torch.bool)
-        x = A.normalize(A.warp_images(x, A.affine_grid(boxes, flips, cfg.img_size, dev)))
+        x = A.normalize(A.warp_images(x, A.crop_grid(crops, hw, flips, cfg.img_size, canvas, dev)))
         return x, random_masks(len(x), cfg.grid, unit, s.mask_ratio, g).to(dev)
 
     def step(idx, g):
@@ -125,7 +131,7 @@ def pretrain(
     g = torch.Generator().manual_seed(10_000 + seed)
     idx = torch.arange(min(len(images), EVAL_BATCH))
     with torch.no_grad():
-        x, mask = batch(idx, g, boxes=A.full_boxes(len(idx)))
+        x, mask = batch(idx, g, crops=A.whole_image_params(sizes[idx]))  # the whole valid image
         pred = task(x, mask)
         eval_loss = mim_loss(pred, x, mask, cfg.patch_size, norm_pix=s.norm_pix_loss).item()
     examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
