@@ -155,9 +155,17 @@ def cmd_results(args) -> int:
 
 def cmd_geometry(args) -> int:
     from studylib.analysis import encoders
+    from studylib.analysis.geometry import GeometrySettings
     from studylib.study import config, grid
 
-    encoders.compute(args.runs, grid.plan(config.load(args.params)), n_images=args.images, device=args.device)
+    cfg = config.load(args.params)
+    # the study's protocol decides how the geometry is measured (paper: as the authors' diagnostics)
+    settings = GeometrySettings.for_study(cfg, **({"layers": args.layers} if args.layers else {}))
+    print(
+        f"{cfg.name}: geometry under protocol {settings.protocol} "
+        f"(reports: {encoders.geometry_file(settings.protocol)}; settings recorded in each)"
+    )
+    encoders.compute(args.runs, grid.plan(cfg), n_images=args.images, device=args.device, settings=settings)
     return 0
 
 
@@ -214,10 +222,24 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
         s.set_defaults(fn=fn)
 
-    s = sub.add_parser("geometry", help="patch-token geometry of every encoder of a study, into the run store")
+    s = sub.add_parser(
+        "geometry",
+        help="patch-token geometry of every encoder of a study, into the run store, measured as the "
+        "study's protocol says (paper: as the authors' diagnostics, into geometry-paper.json)",
+    )
     s.add_argument("params")
     s.add_argument("--runs", default="runs")
-    s.add_argument("--images", type=int, default=256, help="Pets test images to measure on (default 256)")
+    s.add_argument(
+        "--images",
+        type=int,
+        help="images to measure on (default: the protocol's: clean 256 of the study's test split, "
+        "paper 2048 Pets trainval images)",
+    )
+    s.add_argument(
+        "--layers",
+        choices=["all", "output"],
+        help="every block and the output, or the final tokens only (default: the protocol's: clean all, paper output)",
+    )
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_geometry)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from studylib.analysis import encoders as analysis
+from studylib.analysis import reference
 from studylib.study import config, grid, runner
 from studylib.views import report
 
@@ -35,7 +36,7 @@ def test_geometry_is_stored_for_every_encoder(study):
     assert (runs / "geometry" / "scratch-viny-tiny-0.json").exists()
     table = analysis.table2(analysis.reports(runs, plan))
     assert set(table.index.get_level_values(0)) == {"scratch", "mim", "mim + intel", "mim + spatial"}
-    assert table.loc[("mim + spatial", 32), "paper: within-image variance"] == 0.32
+    assert table.loc[("mim + spatial", 32), f"{reference.PAPER_GEOMETRY_LABEL}: within-image variance"] == 0.32
     assert analysis.compute(runs, plan, n_images=32) == []  # measured once
 
 

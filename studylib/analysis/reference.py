@@ -21,7 +21,11 @@ CLAIMS = {
 }
 
 #: The paper's Table 2 (final-layer patch tokens of ~2,048 Pets images). Probe accuracy is the last
-#: epoch's *training* accuracy, in percent.
+#: epoch's *training* accuracy, in percent. All four encoders start from the 200k pre-training checkpoint,
+#: so these values compare with a study's largest-pre-training ("200k-equivalent") encoders only.
+#: PAPER_GEOMETRY_PRETRAIN is that size; PAPER_GEOMETRY_LABEL labels the paper's columns beside them.
+PAPER_GEOMETRY_PRETRAIN = 200_000
+PAPER_GEOMETRY_LABEL = "paper (200k encoders)"
 PAPER_TABLE2 = {
     "SimMIM": {"within_image_variance": 0.10, "across_image_variance": 0.02, "patch_probe_accuracy_pct": 79.5},
     "+CLS Intel": {"within_image_variance": 0.18, "across_image_variance": 0.11, "patch_probe_accuracy_pct": 76.1},

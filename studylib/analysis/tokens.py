@@ -8,7 +8,9 @@ Shapes and conventions
 * ``T`` is a stack of patch tokens ``[N, P, D]``: N images, P = grid * grid patches in row-major order
   (patch index ``i`` sits at row ``i // grid``, column ``i % grid``), D channels.
 * Trimap classes are the study's 0 pet, 1 background, 2 boundary (``studylib.data``).
-* Every variance is a *population* variance (ddof = 0, divide by the count, not count - 1).
+* Variances take ``ddof``: 0 (the default, the clean protocol) is the *population* variance (divide by
+  the count), 1 is the sample variance (divide by count - 1) of the authors' ``torch.var`` (``protocol:
+  paper``; ``studylib.analysis.geometry.GeometrySettings``).
 * All returned scalars are Python floats, so results go straight to JSON.
 """
 
@@ -34,6 +36,8 @@ __all__ = [
     "cosine_by_distance",
     "reference_similarity",
     "pick_reference_patches",
+    "patch_class_fractions",
+    "paper_reference_patches",
 ]
 
 PET, BACKGROUND, BOUNDARY = 0, 1, 2
@@ -104,18 +108,26 @@ def patch_tokens(
 
 
 # ---------------------------------------------------------------------------------------- variances
-def within_image_variance(T: torch.Tensor) -> float:
-    """mean over images n and dims d of Var_p T[n, p, d]: the population variance (ddof=0) over the P
-    tokens of one image, per dimension, averaged over dimensions and images (Table 2, column 1)."""
-    check_tokens(T)
-    return float(T.double().var(dim=1, unbiased=False).mean())
+def _check_ddof(ddof: int) -> int:
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population variance) or 1 (sample variance), got {ddof!r}")
+    return int(ddof)
 
 
-def across_image_variance(T: torch.Tensor) -> float:
-    """mean over dims d of Var_n m[n, d], m[n] = mean_p T[n, p]: the population variance (ddof=0) over
-    images of each image's mean token, averaged over dimensions (Table 2, column 2)."""
+def within_image_variance(T: torch.Tensor, ddof: int = 0) -> float:
+    """mean over images n and dims d of Var_p T[n, p, d]: the variance over the P tokens of one image,
+    per dimension, averaged over dimensions and images (Table 2, column 1). Var divides the summed
+    squared deviations by P - ddof: ddof 0 the population variance, ddof 1 the authors' unbiased
+    ``torch.var``."""
     check_tokens(T)
-    return float(T.double().mean(dim=1).var(dim=0, unbiased=False).mean())
+    return float(T.double().var(dim=1, correction=_check_ddof(ddof)).mean())
+
+
+def across_image_variance(T: torch.Tensor, ddof: int = 0) -> float:
+    """mean over dims d of Var_n m[n, d], m[n] = mean_p T[n, p]: the variance over the N images of each
+    image's mean token (dividing by N - ddof), averaged over dimensions (Table 2, column 2)."""
+    check_tokens(T)
+    return float(T.double().mean(dim=1).var(dim=0, correction=_check_ddof(ddof)).mean())
 
 
 # ------------------------------------------------------------------------------ cosine vs distance
@@ -136,9 +148,22 @@ def chessboard_distances(grid: int) -> torch.Tensor:
     return (rc[:, None] - rc[None]).abs().amax(-1)
 
 
-def cosine_by_distance(T: torch.Tensor, grid: int | None = None) -> dict[int, float]:
+DISTANCES = {"manhattan": manhattan_distances, "chessboard": chessboard_distances}
+
+
+def max_distance(grid: int, metric: str = "manhattan") -> int:
+    """The largest distance between two patches of a grid x grid layout: 2(grid-1) Manhattan, grid-1
+    chessboard."""
+    if metric not in DISTANCES:
+        raise ValueError(f"metric must be one of {', '.join(DISTANCES)}, got {metric!r}")
+    return 2 * (grid - 1) if metric == "manhattan" else grid - 1
+
+
+def cosine_by_distance(T: torch.Tensor, grid: int | None = None, metric: str = "manhattan") -> dict[int, float]:
     """{d: mean cosine similarity of token pairs (i, j), i != j, of the same image whose patches are at
-    Manhattan distance d on the grid}, for d = 1..2(grid-1), averaged over images (Fig. 5).
+    distance d on the grid}, for d = 1..max_distance (Manhattan: 2(grid-1), 14 on an 8x8 grid; the
+    paper's Fig. 5 and the authors' diagnostics), averaged over images. Both orders (i, j) and (j, i)
+    count, as in the authors' code; the cosine is symmetric, so the mean is the same over unordered pairs.
 
     Every image has the same set of pairs at each distance, so the mean over images of the per-image
     means equals the mean over pairs of the image-averaged cosine matrix; that matrix is one matmul.
@@ -146,13 +171,14 @@ def cosine_by_distance(T: torch.Tensor, grid: int | None = None) -> dict[int, fl
     check_tokens(T)
     N, P, D = T.shape
     g = grid_of(P, grid)
+    top = max_distance(g, metric)
     u = F.normalize(T.double(), dim=-1)  # zero tokens get cosine 0
     flat = u.permute(1, 0, 2).reshape(P, N * D)  # [P, N*D]: contracts n and d at once
     mean_cos = flat @ flat.T / N  # [P, P] mean over images
-    dist = manhattan_distances(g).flatten()
-    sums = torch.bincount(dist, weights=mean_cos.flatten(), minlength=2 * g - 1)
-    counts = torch.bincount(dist, minlength=2 * g - 1)
-    return {d: float(sums[d] / counts[d]) for d in range(1, 2 * g - 1)}  # d = 0 is i == j: excluded
+    dist = DISTANCES[metric](g).flatten()
+    sums = torch.bincount(dist, weights=mean_cos.flatten(), minlength=top + 1)
+    counts = torch.bincount(dist, minlength=top + 1)
+    return {d: float(sums[d] / counts[d]) for d in range(1, top + 1)}  # d = 0 is i == j: excluded
 
 
 # ------------------------------------------------------------------------------ reference heatmaps
@@ -227,4 +253,66 @@ def pick_reference_patches(
         if adjacent.any():
             out["boundary"] = int(adjacent.nonzero()[0])
             out["rules"]["boundary"] = "adjacent"
+    return out
+
+
+def _patch_class_counts(mask: torch.Tensor, grid: int, num_classes: int) -> tuple[torch.Tensor, int]:
+    """One trimap [H, W] -> (long [grid*grid, num_classes] pixel counts per patch and class, pixels per patch)."""
+    if mask.dim() != 2:
+        raise ValueError(f"takes one trimap [H, W], got {tuple(mask.shape)}")
+    H, W = mask.shape
+    if H % grid or W % grid:
+        raise ValueError(f"mask size {H}x{W} is not divisible by the {grid}x{grid} grid")
+    ph, pw = H // grid, W // grid
+    m = mask.long().reshape(grid, ph, grid, pw).transpose(1, 2).reshape(grid * grid, ph * pw)
+    return torch.stack([(m == k).sum(-1) for k in range(num_classes)], dim=-1), ph * pw
+
+
+def patch_class_fractions(mask: torch.Tensor, grid: int, num_classes: int = 3) -> torch.Tensor:
+    """One trimap [H, W] (classes 0..num_classes-1) -> float64 [grid*grid, num_classes]: the fraction of
+    each patch's pixels (H/grid x W/grid, row-major patches) in each class. Pixels outside the classes
+    count in the patch's size but in no class."""
+    counts, pixels = _patch_class_counts(mask, grid, num_classes)
+    return counts.double() / pixels
+
+
+def _first_argmax(x: torch.Tensor) -> int:
+    """The lowest index of the largest value (made explicit rather than left to torch.argmax)."""
+    return int((x == x.max()).nonzero()[0])
+
+
+def paper_reference_patches(
+    mask: torch.Tensor,
+    grid: int,
+    threshold: float = 0.2,
+    pet: int = PET,
+    boundary: int = BOUNDARY,
+    num_classes: int = 3,
+) -> dict:
+    """The authors' reference patches (their heatmap code) from one image's trimap [H, W], by the class
+    fractions of each patch (`patch_class_fractions`):
+
+    background: patch (0, 0), the top-left corner, whatever it shows.
+    boundary: the patch with the largest boundary fraction.
+    pet: the patch with the largest pet fraction among those whose boundary fraction is at most
+      `threshold` (0.2, inclusive: compared as pixel counts, boundary pixels <= threshold * patch
+      pixels); when no patch qualifies, the largest pet fraction of all.
+    Ties go to the lowest row-major index. Returns the layout of `pick_reference_patches`: patch
+    indices under 'background', 'pet', 'boundary', the rule that picked each under 'rules', and the
+    picked patches' class fractions under 'fractions' ([pet, background, boundary] for the study's classes).
+    """
+    counts, pixels = _patch_class_counts(mask, grid, num_classes)
+    fr = counts.double() / pixels
+    bd, pt = fr[:, boundary], fr[:, pet]
+    low = counts[:, boundary].double() <= threshold * pixels + 1e-9  # the tolerance only absorbs rounding
+    out: dict = {"background": 0, "pet": None, "boundary": _first_argmax(bd)}
+    rules = {"background": "corner (0, 0)", "boundary": "largest boundary fraction"}
+    if low.any():
+        out["pet"] = _first_argmax(pt.masked_fill(~low, -1.0))
+        rules["pet"] = f"largest pet fraction with boundary fraction <= {threshold:g}"
+    else:
+        out["pet"] = _first_argmax(pt)
+        rules["pet"] = "largest pet fraction (no patch with a low boundary fraction)"
+    out["rules"] = rules
+    out["fractions"] = {k: fr[out[k]].tolist() for k in ("background", "pet", "boundary")}
     return out
