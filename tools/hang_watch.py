@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -37,7 +39,18 @@ def _kill(tree: psutil.Process) -> None:
             pass
 
 
-def run_once(cmd: list[str], idle: float) -> tuple[str, float]:
+def _dump(tree: psutil.Process, path: str) -> None:
+    """Where every process of a hung tree waits (py-spy, when installed), for the record."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return
+    with open(path, "w") as f:
+        for p in [tree, *tree.children(recursive=True)]:
+            out = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True)
+            f.write(f"== {p.pid} {' '.join(p.cmdline())[:200]}\n{out.stdout}{out.stderr}\n")
+
+
+def run_once(cmd: list[str], idle: float, dump_to: str = "") -> tuple[str, float]:
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tree = psutil.Process(proc.pid)
@@ -48,6 +61,8 @@ def run_once(cmd: list[str], idle: float) -> tuple[str, float]:
         if used > last + 0.05:  # some work was done in the last second(s)
             last, since = used, time.time()
         elif time.time() - since > idle:
+            if dump_to:
+                _dump(tree, dump_to)
             _kill(tree)
             proc.wait()
             return "hung", time.time() - t0
@@ -64,7 +79,7 @@ def main(argv=None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     outcomes = []
     for i in range(args.n):
-        status, seconds = run_once(cmd, args.idle)
+        status, seconds = run_once(cmd, args.idle, f"{args.log}.hang{i + 1}.txt" if args.log else "")
         outcomes.append(status)
         line = f"{i + 1:3d} {status} {seconds:6.1f}s"
         print(line, flush=True)
