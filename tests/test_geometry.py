@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from studylib.analysis import geometry, probes, reference, tokens
+from studylib.analysis import geometry, probes, reference, similarity, tokens
 from studylib.core import augment as A
 from studylib.core.model import build_encoder
 from studylib.data.splits import patch_labels
@@ -250,27 +250,27 @@ def test_position_probe_no_positional_information():
 def test_effective_rank_equal_singular_values_is_exact():
     k, M, D = 5, 200, 32
     X = orthonormal(M, k, 15) @ orthonormal(D, k, 16).T * 3.0  # k singular values, all 3
-    assert probes.effective_rank(X) == pytest.approx(k, abs=1e-4)
+    assert similarity.effective_rank(X) == pytest.approx(k, abs=1e-4)
     # the Gram-matrix path for tall matrices gives the same answer
     Xt = orthonormal(40000, k, 17) @ orthonormal(128, k, 18).T
-    assert probes.effective_rank(Xt) == pytest.approx(k, abs=1e-3)
+    assert similarity.effective_rank(Xt) == pytest.approx(k, abs=1e-3)
 
 
 def test_effective_rank_random_rank_k_and_identity():
     k, M, D = 6, 2000, 64
     X = torch.randn(M, k, generator=gen(19)) @ torch.randn(k, D, generator=gen(20))
-    assert k - 1 < probes.effective_rank(X) < k + 0.5
-    assert probes.effective_rank(torch.eye(16)) == pytest.approx(16, abs=1e-6)
+    assert k - 1 < similarity.effective_rank(X) < k + 0.5
+    assert similarity.effective_rank(torch.eye(16)) == pytest.approx(16, abs=1e-6)
     # one dominant direction: close to 1
-    assert probes.effective_rank(torch.outer(torch.ones(100), torch.arange(1.0, 9.0))) == pytest.approx(1, abs=1e-3)
+    assert similarity.effective_rank(torch.outer(torch.ones(100), torch.arange(1.0, 9.0))) == pytest.approx(1, abs=1e-3)
 
 
 def test_token_effective_rank_subsample_is_seeded():
     T = torch.randn(50, 16, 12, generator=gen(21))
-    a = probes.token_effective_rank(T, max_tokens=100, seed=1)
-    assert a == probes.token_effective_rank(T, max_tokens=100, seed=1)
-    assert a != probes.token_effective_rank(T, max_tokens=100, seed=2)
-    assert 10 < probes.token_effective_rank(T) <= 12
+    a = similarity.token_effective_rank(T, max_tokens=100, seed=1)
+    assert a == similarity.token_effective_rank(T, max_tokens=100, seed=1)
+    assert a != similarity.token_effective_rank(T, max_tokens=100, seed=2)
+    assert 10 < similarity.token_effective_rank(T) <= 12
 
 
 # ---------------------------------------------------------------------------------------------- CKA
@@ -278,8 +278,8 @@ def test_cka_invariances():
     X = torch.randn(2048, 32, generator=gen(22), dtype=torch.float64)
     Q = orthonormal(32, 32, 23)
     for Y in (X @ Q, 7.5 * X):
-        assert probes.linear_cka(X, Y) == pytest.approx(1.0, abs=1e-9)
-        assert probes.minibatch_cka(X, Y, batch_size=256) == pytest.approx(1.0, abs=1e-9)
+        assert similarity.linear_cka(X, Y) == pytest.approx(1.0, abs=1e-9)
+        assert similarity.minibatch_cka(X, Y, batch_size=256) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_linear_cka_matches_kernel_form():
@@ -289,27 +289,28 @@ def test_linear_cka_matches_kernel_form():
     H = torch.eye(30, dtype=torch.float64) - 1 / 30
     K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
     want = (K * L).sum() / torch.sqrt((K * K).sum() * (L * L).sum())
-    assert probes.linear_cka(X, Y) == pytest.approx(float(want), rel=1e-9)
+    assert similarity.linear_cka(X, Y) == pytest.approx(float(want), rel=1e-9)
 
 
 def test_unbiased_cka_of_independent_data_near_zero():
     X = torch.randn(4096, 64, generator=gen(26))
     Y = torch.randn(4096, 32, generator=gen(27))
-    assert abs(probes.minibatch_cka(X, Y, batch_size=512)) < 0.1
+    assert abs(similarity.minibatch_cka(X, Y, batch_size=512)) < 0.1
     # the biased estimator is far from 0 on few examples with many dims: why the unbiased one is used
-    assert probes.linear_cka(X[:64], Y[:64]) > 0.3
+    assert similarity.linear_cka(X[:64], Y[:64]) > 0.3
 
 
 def test_hsic_unbiased_shift_invariant_and_pairs_iterable():
     X = torch.randn(64, 6, generator=gen(28), dtype=torch.float64)
     Y = X @ torch.randn(6, 4, generator=gen(29), dtype=torch.float64) + torch.randn(64, 4, generator=gen(30))
-    h = probes.hsic_unbiased(X @ X.T, Y @ Y.T)
+    h = similarity.hsic_unbiased(X @ X.T, Y @ Y.T)
     Ys = Y + 5.0
-    assert probes.hsic_unbiased(X @ X.T, Ys @ Ys.T) == pytest.approx(h, rel=1e-8)
+    assert similarity.hsic_unbiased(X @ X.T, Ys @ Ys.T) == pytest.approx(h, rel=1e-8)
     batches = [slice(0, 32), slice(32, 64)]
-    from_pairs = probes.minibatch_cka([(X[b], Y[b]) for b in batches])
+    from_pairs = similarity.minibatch_cka([(X[b], Y[b]) for b in batches])
     h = [
-        [sum(probes.hsic_unbiased(A_[b] @ A_[b].T, B_[b] @ B_[b].T) for b in batches) for B_ in (X, Y)] for A_ in (X, Y)
+        [sum(similarity.hsic_unbiased(A_[b] @ A_[b].T, B_[b] @ B_[b].T) for b in batches) for B_ in (X, Y)]
+        for A_ in (X, Y)
     ]
     assert from_pairs == pytest.approx(h[0][1] / math.sqrt(h[0][0] * h[1][1]), rel=1e-9)
 
@@ -318,7 +319,7 @@ def test_cka_matrix_symmetric_unit_diagonal():
     X = torch.randn(512, 16, generator=gen(31))
     reps = {"a": X, "b": X @ torch.randn(16, 8, generator=gen(32)), "c": torch.randn(512, 4, generator=gen(33))}
     for method in ("minibatch", "linear"):
-        names, m = probes.cka_matrix(reps, method=method, batch_size=128)
+        names, m = similarity.cka_matrix(reps, method=method, batch_size=128)
         m = torch.tensor(m)
         assert names == ["a", "b", "c"] and m.shape == (3, 3)
         assert torch.allclose(m, m.T) and torch.allclose(m.diagonal(), torch.ones(3, dtype=m.dtype))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 
 from studylib import cli
-from studylib.analysis import encoders, geometry, probes, reference, tokens
+from studylib.analysis import encoders, geometry, probes, reference, similarity, tokens
 from studylib.analysis.geometry import GeometrySettings
 from studylib.analysis.probes import ProbeRecipe
 from studylib.core.model import build_encoder
@@ -238,8 +238,8 @@ def test_clean_settings_reproduce_the_earlier_report(tiny):
         assert row["layer"] == k
         assert row["within_image_variance"] == float(T.double().var(dim=1, unbiased=False).mean())
         assert row["across_image_variance"] == float(T.double().mean(dim=1).var(dim=0, unbiased=False).mean())
-        assert row["effective_rank"] == probes.token_effective_rank(T, 65536, 0)
-        assert row["effective_rank_centered"] == probes.token_effective_rank(T, 65536, 0, center=True)
+        assert row["effective_rank"] == similarity.token_effective_rank(T, 65536, 0)
+        assert row["effective_rank_centered"] == similarity.token_effective_rank(T, 65536, 0, center=True)
         cos = tokens.cosine_by_distance(T, 8)
         assert row["cosine_by_distance"] == [cos[d] for d in sorted(cos)]
         assert row["patch_probe"] == probes.linear_probe(T, labels, 3, 0.5, 100, 1e-2, 0)
@@ -252,7 +252,7 @@ def test_clean_settings_reproduce_the_earlier_report(tiny):
         }
         assert row["reference"]["maps"] == maps
     pick = torch.randperm(16 * 64, generator=torch.Generator().manual_seed(0))[:8192]
-    names, m = probes.cka_matrix({str(k): toks[k].reshape(-1, 64)[pick] for k in (0, -1)}, "minibatch", 512, 0)
+    names, m = similarity.cka_matrix({str(k): toks[k].reshape(-1, 64)[pick] for k in (0, -1)}, "minibatch", 512, 0)
     assert r["cka"]["names"] == names and r["cka"]["matrix"] == m
 
 

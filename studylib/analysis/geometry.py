@@ -23,15 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from studylib.analysis.probes import (
-    ProbeRecipe,
-    cka_matrix,
-    linear_probe,
-    position_probe,
-    probe_on_sets,
-    split_images,
-    token_effective_rank,
-)
+from studylib.analysis.probes import ProbeRecipe, linear_probe, position_probe, probe_on_sets, split_images
+from studylib.analysis.similarity import cka_matrix, token_effective_rank
 from studylib.analysis.tokens import (
     DISTANCES,
     across_image_variance,

@@ -40,14 +40,14 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from studylib.core.schema import at_least, check_types, require
-from studylib.data.textures import (
+from studylib.data.scenes import facade, ridge, road, rows_below, sky, water
+from studylib.data.textures import (  # noqa: F401  (breed_texture re-exported: synth.breed_texture)
     add_distractors,
     animal_mask,
     blob_mask,
-    breed_texture,  # noqa: F401  (re-exported: synth.breed_texture)
+    breed_texture,
     colourise,
     curls,
-    facade,
     grating,
     hsv,
     linear_ramp,
@@ -55,15 +55,10 @@ from studylib.data.textures import (
     oriented_noise,
     paste,
     pet_coat,
-    ridge,
-    road,
-    rows_below,
-    sky,
     smooth_noise,
     spots,
     textured_background,
     trimap_from_mask,
-    water,
 )
 
 # Bump when the images change, so an old SYNTH.json no longer matches and stale data is not reused.
