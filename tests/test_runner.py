@@ -137,7 +137,8 @@ def test_each_run_records_its_provenance(tmp_path):
     prov = json.loads((plan[0].dir(tmp_path / "runs") / "provenance.json").read_text())
     assert prov["seed"] == 0 and prov["device"] == "cpu" and prov["wall_seconds"] > 0
     assert prov["packages"]["torch"] and prov["packages"]["timm"]
-    assert len(prov["git"]["commit"] or "x" * 40) == 40
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert prov["git"]["commit"] == (head.strip() or None)  # this checkout's commit (None outside git)
     assert (plan[0].dir(tmp_path / "runs") / "notebook.ipynb").exists()
     assert not list(plan[0].dir(tmp_path / "runs").glob(".notebook*"))
 
@@ -151,3 +152,20 @@ def test_plan_lists_states_and_image_steps(tmp_path, capsys):
     assert "pretrain: 1 runs (1 to do), 64 image-steps to do" in out
     assert "segment: 6 runs (6 to do), 144 image-steps to do" in out
     assert "intermediate: 1 runs (1 to do), 48 image-steps to do" in out
+
+
+def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
+    from studylib.study import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert provenance.git_commit(tmp_path) == {"commit": None, "dirty": None}  # not a repository
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert provenance.git_commit(tmp_path) == {"commit": head.stdout.strip(), "dirty": False}
+    (tmp_path / "f.txt").write_text("b")
+    assert provenance.git_commit(tmp_path)["dirty"] is True
