@@ -11,13 +11,17 @@ unit against the model's patch) are StudyConfig's.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import yaml
 
-from studylib.core.schema import ParamError, at_least, build, check_types, one_of, positive, require
+from studylib.core.schema import ParamError, at_least, build, check_types, key, one_of, positive, require
 from studylib.data.sources import DataConfig
 
 __all__ = [
@@ -32,12 +36,28 @@ __all__ = [
     "StudyConfig",
     "TimeoutConfig",
     "build",
+    "file_sha256",
     "load",
     "resolve",
     "to_dict",
 ]
 
 ARMS = ("none", "intel", "pets-breeds", "spatial")
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content (remembered per path, size and mtime: a plan hashes it once)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def _distinct(values: list, low: int) -> bool:
@@ -109,9 +129,26 @@ class PretrainConfig(StageConfig):
     cache_margin: float = 0.125  # images are cached this much larger than the model input, for crops
     loss_per_masked_count: bool = False  # paper quirk: divide the L1 loss again by the masked count
     norm_pix_loss: bool = False  # MAE's per-patch normalised targets (not in the paper)
+    # an encoder.safetensors (studylib.core.model.save_encoder) trained elsewhere: the stage trains nothing and
+    # takes it as the run's pre-trained encoder (the grid's pretrain_sizes label it); the settings above are unused
+    from_encoder: str = ""
+    from_encoder_sha256: str = ""  # optional: the file's expected sha256 (a different file is an error)
 
     def __post_init__(self):
         super().__post_init__()
+        require(
+            self,
+            "from_encoder",
+            not self.from_encoder or Path(self.from_encoder).is_file(),
+            "empty or an existing encoder file (an encoder.safetensors written by studylib.core.model.save_encoder)",
+        )
+        require(
+            self,
+            "from_encoder_sha256",
+            not self.from_encoder_sha256
+            or (bool(self.from_encoder) and re.fullmatch(r"[0-9a-f]{64}", self.from_encoder_sha256) is not None),
+            "empty, or with pretrain.from_encoder the file's sha256 (64 lowercase hex digits)",
+        )
         require(self, "mask_ratio", 0 < self.mask_ratio < 1, "in (0, 1)")
         require(self, "mask_unit", self.mask_unit >= 0, "0 (the model's patch) or a size in pixels")
         lo_hi = self.crop_scale
@@ -137,12 +174,34 @@ class IntermediateConfig(StageConfig):
     frozen_augmentation: bool = False  # one random flip/jitter per image for all epochs (the authors: fresh)
     share: bool = True  # paper quirk (False): re-run the stage for every downstream run
     interpolation: str = "bilinear"  # paper quirk ("nearest"): Intel images resized with nearest neighbour
+    normalize: bool = True  # ImageNet-normalise the inputs (the Table-2 spatial arm: false, as segmentation)
+    # per-arm recipes: {arm: {key: value}} over the settings above, e.g. {spatial: {lr: 5.0e-4, normalize: false}}
+    arms: dict = field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
         one_of(self, "interpolation", ("bilinear", "nearest", "bicubic"))
         require(self, "mixup_alpha", self.mixup_alpha >= 0, "at least 0 (0: no MixUp)")
         require(self, "contrast", self.contrast >= 0, "at least 0 (factors drawn from [1 - c, 1 + c])")
+        arms = {}
+        for arm, over in self.arms.items():
+            where = f"{key(self, 'arms')}.{arm}"
+            if arm not in ARMS[1:]:
+                raise ParamError(f"{where}: unknown arm; arms with an intermediate stage: {', '.join(ARMS[1:])}")
+            if not isinstance(over, dict):
+                raise ParamError(f"{where}: expected a mapping of intermediate settings, got {over!r}")
+            if "arms" in over:
+                raise ParamError(f"{where}.arms: an arm's recipe cannot hold per-arm recipes")
+            built = build(IntermediateConfig, {**self._base(), **over}, where)  # unknown keys and values
+            arms[arm] = {k: getattr(built, k) for k in over}
+        self.arms = arms
+
+    def _base(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arms"}
+
+    def for_arm(self, arm: str) -> IntermediateConfig:
+        """The settings of one arm's runs: these with the arm's overrides (`arms`) applied, and no `arms`."""
+        return IntermediateConfig(**{**self._base(), **self.arms.get(arm, {})})
 
 
 @dataclass
@@ -215,7 +274,7 @@ class StudyConfig:
         if self.data.kind == "real":
             needed = (
                 ["pets"]
-                + (["images"] if any(self.grid.pretrain_sizes) else [])
+                + (["images"] if any(self.grid.pretrain_sizes) and not self.pretrain.from_encoder else [])
                 + (["intel"] if "intel" in self.grid.intermediate else [])
             )
             for name in needed:
@@ -230,6 +289,36 @@ class StudyConfig:
             raise ParamError(
                 f"pretrain.mask_unit: {unit} px must be a multiple of the patch ({m.patch_size} px) "
                 f"and divide the image ({m.img_size} px)"
+            )
+        if self.pretrain.from_encoder:
+            self._check_from_encoder(m.to_dict())
+
+    def _check_from_encoder(self, model: dict) -> None:
+        """The imported encoder: one pre-training size labels it, it is this study's model, and (when given)
+        its content is the expected one."""
+        path = self.pretrain.from_encoder
+        if len([n for n in self.grid.pretrain_sizes if n]) != 1:
+            raise ParamError(
+                f"grid.pretrain_sizes: with pretrain.from_encoder, exactly one non-zero size (the label of the "
+                f"imported encoder, e.g. [200000]; 0 may be added for no pre-training), got {self.grid.pretrain_sizes}"
+            )
+        try:
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                found = json.loads((f.metadata() or {})["config"])
+        except Exception as e:
+            raise ParamError(
+                f"pretrain.from_encoder: {path} is not an encoder file written by studylib.core.model.save_encoder "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        if found != model:
+            diff = ", ".join(f"{k} {found.get(k)!r} (model: {v!r})" for k, v in model.items() if found.get(k) != v)
+            raise ParamError(f"pretrain.from_encoder: {path} holds another encoder than model {self.model!r}: {diff}")
+        expected = self.pretrain.from_encoder_sha256
+        if expected and file_sha256(path) != expected:
+            raise ParamError(
+                f"pretrain.from_encoder_sha256: {path} has sha256 {file_sha256(path)}, not the expected {expected}"
             )
 
 

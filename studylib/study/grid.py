@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studylib.study.config import StudyConfig
+from studylib.study.config import IntermediateConfig, PretrainConfig, StudyConfig, file_sha256
 
 STAGES = ("pretrain", "intermediate", "segment")
 NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.ipynb", "segment": "03_segment.ipynb"}
@@ -52,6 +52,32 @@ def _data_identity(cfg: StudyConfig) -> dict:
     return d
 
 
+# Settings added after studies had runs: left out of a run's parameters (so out of its id) while they hold
+# their default, so that existing run stores keep their ids; the stage reads the same default.
+_LATER_KEYS = {
+    "pretrain": {"from_encoder": "", "from_encoder_sha256": ""},
+    "intermediate": {"normalize": True, "arms": {}},
+}
+
+
+def _settings(stage: str, section) -> dict:
+    return {k: v for k, v in asdict(section).items() if _LATER_KEYS[stage].get(k, ...) != v}
+
+
+def _pretrain_settings(s: PretrainConfig) -> dict:
+    """A pre-training run's settings; for an imported encoder (pretrain.from_encoder) only the file: its
+    absolute path and its content's sha256, so a different file (or new content) makes a different run."""
+    if not s.from_encoder:
+        return _settings("pretrain", s)
+    path = Path(s.from_encoder).resolve()
+    return {"from_encoder": str(path), "from_encoder_sha256": file_sha256(path)}
+
+
+def _intermediate_settings(s: IntermediateConfig) -> dict:
+    """An intermediate run's settings, from IntermediateConfig.for_arm: the arm's recipe applied, no `arms`."""
+    return _settings("intermediate", s)
+
+
 def plan(cfg: StudyConfig) -> list[Run]:
     """All runs of the grid, each once, parents before children."""
     common = {"model": cfg.model, "data": _data_identity(cfg)}
@@ -68,7 +94,7 @@ def plan(cfg: StudyConfig) -> list[Run]:
                 pre = add(
                     Run(
                         "pretrain",
-                        {**common, "settings": asdict(cfg.pretrain), "size": p_size, "seed": seed},
+                        {**common, "settings": _pretrain_settings(cfg.pretrain), "size": p_size, "seed": seed},
                         labels={"pretrain_size": p_size, "seed": seed},
                     )
                 )
@@ -78,12 +104,13 @@ def plan(cfg: StudyConfig) -> list[Run]:
                 for f_size in g.finetune_sizes:
                     parent = pre
                     if arm != "none":
-                        params = {**common, "settings": asdict(cfg.intermediate), "seed": seed, "arm": arm}
+                        inter = cfg.intermediate.for_arm(arm)
+                        params = {**common, "settings": _intermediate_settings(inter), "seed": seed, "arm": arm}
                         if arm != "intel":  # Pets arms: the downstream split defines their images
                             params["pets_split"] = {
                                 k: asdict(cfg.segment)[k] for k in ("split", "test_size", "interpolation", "split_seed")
                             }
-                        if not cfg.intermediate.share:  # the authors' pipeline: one per downstream run
+                        if not inter.share:  # the authors' pipeline: one per downstream run
                             params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}
                         parent = add(
                             Run(
@@ -112,6 +139,8 @@ def plan(cfg: StudyConfig) -> list[Run]:
 
 def image_steps(run: Run) -> int:
     """Training images processed by a run: dataset size x epochs (the unit of the cost estimates)."""
+    if run.params["settings"].get("from_encoder"):
+        return 0  # an imported encoder: nothing is trained
     epochs = run.params["settings"]["epochs"]
     if run.stage != "intermediate":
         return run.params["size"] * epochs

@@ -17,18 +17,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from studylib.core import augment as A
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.metrics import ClassificationMeter, SegmentationMeter
-from studylib.core.model import Classifier, MaskedImageModel, PatchClassifier, Segmenter, build_encoder
+from studylib.core.model import (
+    Classifier,
+    MaskedImageModel,
+    PatchClassifier,
+    Segmenter,
+    build_encoder,
+    load_encoder,
+    model_config,
+)
 from studylib.core.train import Schedule, fit, resolve_device
-from studylib.data.readers import PET_CLASSES, load_image_set, load_intel
+from studylib.data.readers import (
+    PET_CLASSES,
+    _find_image,
+    decode_image,
+    load_image_set,
+    load_intel,
+    pets_root,
+    read_pets_list,
+)
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
-from studylib.study.config import IntermediateConfig, PretrainConfig, SegmentConfig, build
+from studylib.study.config import IntermediateConfig, ParamError, PretrainConfig, SegmentConfig, build, file_sha256
 from studylib.study.locks import RunLock
 from studylib.study.store import STAGE_LOCK, RunFolder
 
@@ -94,8 +111,11 @@ def pretrain(
     seed: int = 0,
     device: str = "auto",
 ) -> StageResult:
-    """SimMIM pre-training of a fresh encoder on `size` unlabeled images."""
+    """SimMIM pre-training of a fresh encoder on `size` unlabeled images; with `from_encoder` in the settings,
+    that encoder file becomes the run's encoder and nothing is trained (`size` is then only its label)."""
     s = build(PretrainConfig, settings or {}, "pretrain")
+    if s.from_encoder:
+        return _import_encoder(run_dir, model, data, s, seed, device)
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed, s.init), s.init)
     cfg = task.encoder.cfg
@@ -151,6 +171,62 @@ def pretrain(
     return StageResult(run_dir, metrics, history, examples)
 
 
+class _EncoderOnly(torch.nn.Module):
+    """An encoder with no task head: what an imported encoder's run folder holds (an empty head file)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+
+def _import_encoder(run_dir: str, model: str, data: dict | None, s: PretrainConfig, seed: int, device: str):
+    """pretrain.from_encoder: write that file's encoder (a study's model, e.g. a checkpoint trained elsewhere)
+    as this run's pre-trained encoder. metrics.json records the source path and its sha256. The stage's
+    picture shows a few Pets images with this run's masks and, as the file has no MIM head, the masked
+    patches in the mean colour instead of a reconstruction."""
+    run_dir, dev = _run_dir(run_dir), resolve_device(device)
+    folder, source = RunFolder(run_dir), Path(s.from_encoder).resolve()
+    finished = folder.is_done
+    if finished:
+        enc = folder.load_encoder()
+    else:
+        digest = file_sha256(source)
+        if s.from_encoder_sha256 and digest != s.from_encoder_sha256:
+            raise ParamError(
+                f"pretrain.from_encoder: {source} changed since the run was planned (sha256 {digest}, planned "
+                f"{s.from_encoder_sha256}); plan the study again to make a run of the new file"
+            )
+        enc = load_encoder(source)
+        if enc.cfg != model_config(model):
+            raise ParamError(f"pretrain.from_encoder: {source} holds a {enc.cfg.name!r} encoder, not model {model!r}")
+    cfg = enc.cfg
+    # the picture: the first trainval Pets images, masked as pre-training masks them
+    root = pets_root(resolve_data(data).pets)
+    names = [name for name, _ in read_pets_list(root, "trainval")[:6]]
+    imgs = [decode_image(_find_image(root / "images", n), cfg.img_size) for n in names]
+    x = A.normalize(A.to_float(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)))
+    g = torch.Generator().manual_seed(10_000 + seed)
+    mask = random_masks(len(x), cfg.grid, (s.mask_unit or cfg.patch_size) // cfg.patch_size, s.mask_ratio, g)
+    pred = torch.zeros(len(x), cfg.grid**2, cfg.patch_dim)
+    examples = {"images": x, "mask": mask, "pred": pred, "patch": cfg.patch_size}
+    if finished:
+        return StageResult(run_dir, folder.metrics, [], examples)
+    metrics = {
+        "stage": "pretrain",
+        "from_encoder": str(source),
+        "from_encoder_sha256": digest,
+        "images": 0,
+        "skipped": [],
+        "epochs": 0,
+        "final_train_loss": None,
+        "eval_masked_l1": None,
+        "train_seconds": 0.0,
+        "device": str(dev),
+    }
+    folder.finish(_EncoderOnly(enc), metrics, {"stage": "pretrain", "from_encoder": str(source)})
+    return StageResult(run_dir, metrics, [], examples)
+
+
 # ---------------------------------------------------------------- stage 2: scene classification
 
 ARMS = ("none", "intel", "pets-breeds", "spatial")
@@ -199,6 +275,7 @@ def intermediate(
             classes = list(PET_CLASSES)
             train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
     K = len(classes)
+    norm = A.normalize if s.normalize else (lambda x: x)  # the Table-2 spatial recipe: raw inputs
     task = PatchClassifier(enc, K, s.init) if arm == "spatial" else Classifier(enc, K, s.init)
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
@@ -208,7 +285,7 @@ def intermediate(
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         x = A.to_float(train.images[idx].to(dev))
         grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)
-        x = A.normalize(A.adjust_contrast(A.warp_images(x, grid), p["contrast"]))
+        x = norm(A.adjust_contrast(A.warp_images(x, grid), p["contrast"]))
         y = train_y[idx].to(dev)
         if arm == "spatial":  # flip the patch labels with the image; no MixUp for a dense target
             g_ = enc.cfg.grid
@@ -224,7 +301,7 @@ def intermediate(
         RunFolder(run_dir).restore(task)
     task.to(dev).eval()
     meter = ClassificationMeter(K)
-    for i, logits in _batched(lambda sl: task(A.normalize(A.to_float(test.images[sl].to(dev)))), len(test)):
+    for i, logits in _batched(lambda sl: task(norm(A.to_float(test.images[sl].to(dev)))), len(test)):
         meter.update(logits.float().cpu().reshape(-1, K), test_y[i : i + len(logits)].reshape(-1))
     result = meter.compute()
     examples = {"confusion": result["confusion_matrix"], "classes": classes}
