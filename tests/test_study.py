@@ -161,3 +161,19 @@ def test_cli_rejects_a_bad_parameter_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "segment.epoch" in err and "epochs" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_stage_notebook_rejects_an_out_of_range_setting_by_name(tmp_path):
+    """A stage notebook run by papermill (or opened by hand) checks every setting where it is built."""
+    run = next(r for r in grid.plan(config.load(SMOKE)) if r.stage == "pretrain")
+    settings = {**run.params["settings"], "mask_ratio": 1.2}
+    with pytest.raises(pm.PapermillExecutionError, match=r"pretrain\.mask_ratio: must be in \(0, 1\), got 1\.2"):
+        pm.execute_notebook(
+            str(ROOT / "notebooks" / "01_pretrain.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"run_dir": str(tmp_path / "run"), "settings": settings, "device": "cpu"},
+            kernel_name="python3",
+            progress_bar=False,
+            execution_timeout=300,
+        )
+    assert not (tmp_path / "run" / "metrics.json").exists()
