@@ -8,7 +8,6 @@ import torch
 
 from studylib.analysis import geometry, probes, reference, similarity, tokens
 from studylib.core import augment as A
-from studylib.core.model import build_encoder
 from studylib.data.splits import patch_labels
 
 
@@ -328,12 +327,8 @@ def test_cka_matrix_symmetric_unit_diagonal():
 
 # ------------------------------------------------------------------------------------ encoder + report
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    enc = build_encoder("viny-tiny")
-    images = torch.randint(0, 256, (16, 3, 64, 64), generator=gen(34), dtype=torch.uint8)
-    masks = torch.randint(0, 3, (16, 64, 64), generator=gen(35))
-    return enc, images, masks
+def tiny(tiny_encoder_images):
+    return tiny_encoder_images  # tests/conftest.py
 
 
 def test_patch_tokens_layers(tiny):

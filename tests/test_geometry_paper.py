@@ -17,7 +17,6 @@ from studylib import cli
 from studylib.analysis import encoders, geometry, probes, reference, similarity, tokens
 from studylib.analysis.geometry import GeometrySettings
 from studylib.analysis.probes import ProbeRecipe
-from studylib.core.model import build_encoder
 from studylib.data.splits import patch_labels
 from studylib.study import config, grid
 
@@ -215,12 +214,8 @@ def test_paper_probe_is_the_authors_loop():
 
 # ------------------------------------------------------------------------------------ tiny encoder
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    enc = build_encoder("viny-tiny")
-    images = torch.randint(0, 256, (16, 3, 64, 64), generator=gen(34), dtype=torch.uint8)
-    masks = torch.randint(0, 3, (16, 64, 64), generator=gen(35))
-    return enc, images, masks
+def tiny(tiny_encoder_images):
+    return tiny_encoder_images  # tests/conftest.py
 
 
 def test_clean_settings_reproduce_the_earlier_report(tiny):
