@@ -55,7 +55,8 @@ def cmd_data_get(args) -> int:
 def cmd_plan(args) -> int:
     from studylib.study import config, grid, store
 
-    plan = grid.plan(config.load(args.params))
+    cfg = config.load(args.params)
+    plan = grid.plan(cfg)
     states = store.states(plan, args.runs)
     for r in plan:
         print(f"{states[r.id]:7s} {r.describe()}")
@@ -64,6 +65,36 @@ def cmd_plan(args) -> int:
         todo = [r for r in runs if states[r.id] != "done"]
         steps = sum(grid.image_steps(r) for r in todo)
         print(f"{stage}: {len(runs)} runs ({len(todo)} to do), {steps:,} image-steps to do")
+    if args.estimate:
+        print_estimate(cfg, [r for r in plan if states[r.id] != "done"], args.runs)
+    return 0
+
+
+def print_estimate(cfg, todo: list, runs: str) -> None:
+    """The predicted wall time of the runs to do, from this device's stored bench rates (measured and stored
+    first when there are none)."""
+    from studylib.study import bench
+
+    rates = bench.load_rates(runs, cfg.device)
+    if rates is None:
+        print(f"\nno bench rates of this device in {runs}/bench: measuring them first (a few minutes)")
+        rates = bench.bench(cfg.device, cache=Path(runs).resolve() / "cache")
+        print(f"rates: {bench.save_rates(runs, rates)}")
+    df = bench.estimate(todo, rates, cfg.engine, cfg.workers)
+    print(f"\nestimated wall time of the runs to do ({cfg.workers} workers):")
+    print(bench.format_estimate(df, rates, todo))
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    from studylib.study import bench
+
+    cache = Path(args.runs).resolve() / "cache" if args.runs else None
+    result = bench.bench(args.device, smoke=args.smoke, model=args.model, cache=cache)
+    print(json.dumps(result, indent=2) if args.json else bench.table(result))
+    if args.runs:  # the path goes to stderr under --json, so stdout stays one JSON document
+        print(f"rates: {bench.save_rates(args.runs, result)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -85,6 +116,7 @@ def cmd_run(args) -> int:
         executor=args.executor or cfg.executor,
         cluster=cfg.cluster,
         timeouts=config.to_dict(cfg.timeouts),
+        engine=config.to_dict(cfg.engine),
     )
     print(summary.line())
     from studylib.analysis.claims import claims_all_arms, claims_display
@@ -211,6 +243,13 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("params", help="parameter file, e.g. params/demo.yaml")
         s.add_argument("--runs", default="runs", help="run store (default: runs/)")
+        if name == "plan":
+            s.add_argument(
+                "--estimate",
+                action="store_true",
+                help="predicted wall time per stage from this device's bench rates in RUNS/bench "
+                "(`study bench` runs first when there are none)",
+            )
         if name == "run":
             s.add_argument("--device", choices=["auto", "cpu", "cuda"])
             s.add_argument("--workers", type=int, help="stage runs at once (default: the file's `workers`)")
@@ -221,6 +260,16 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser(
+        "bench", help="training images/s of the authors' loop, a single run and fused groups on this device"
+    )
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--model", help="default: viny on a GPU, viny-tiny on a CPU (and with --smoke)")
+    s.add_argument("--smoke", action="store_true", help="the tiny model and a few steps: a check, not a measurement")
+    s.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    s.add_argument("--runs", help="store the rates in this run store (RUNS/bench/<device>.json)")
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser(
         "geometry",

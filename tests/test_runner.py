@@ -82,6 +82,7 @@ def test_sigkill_mid_training_resumes_to_the_same_metrics(tmp_path):
     values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
     values["grid"].update(pretrain_sizes=[64], intermediate=[False], finetune_sizes=[8])
     values["pretrain"].update(epochs=40)
+    values["engine"] = {"checkpoint_seconds": 0}  # a checkpoint after every epoch: the kill lands between two
     values["data"]["cache"] = str(tmp_path / "cache")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(values))

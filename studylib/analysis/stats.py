@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats as _scipy_stats
 
 from studylib.analysis.vocabulary import KEY, intermediate_arm, protocols
 
@@ -91,7 +90,9 @@ def t975(df: float) -> float:
     fractional Welch df included), so mean +- t975(df) * se is a two-sided 95% interval."""
     if not df >= 1 - 1e-9:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    return float(_scipy_stats.t.ppf(0.975, max(float(df), 1.0)))
+    from scipy import stats  # imported when needed: a stage kernel never needs scipy
+
+    return float(stats.t.ppf(0.975, max(float(df), 1.0)))
 
 
 NO_SPREAD = "no spread across seeds (standard error 0): no interval"

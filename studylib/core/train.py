@@ -1,14 +1,20 @@
 """One training loop for every stage: AdamW with a step schedule, resumable epoch checkpoints,
 a JSON-lines log, a quiet-when-batch tqdm bar and a hard stop on a non-finite loss.
 
-A stage supplies `step(idx, g) -> loss` for a batch of dataset indices and the epoch's generator.
+A stage supplies `step(idx, g) -> loss` for a batch of dataset indices and the epoch's generator,
+or a `Job` (the task, how to draw a batch, the loss) that can also train fused with others (`fit_jobs`).
 The data order and every random draw of an epoch come from a generator seeded by (seed, epoch),
 so resuming from the checkpoint after epoch e reproduces an uninterrupted run exactly.
+
+The loop never waits for the device inside an epoch: losses accumulate on the device and are read,
+and checked for NaN, once at the epoch's end. Checkpoints are written by elapsed time
+(`checkpoint_seconds`; 0: after every epoch) and always after the last epoch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -86,10 +92,30 @@ def make_optimizer(model: torch.nn.Module, sched: Schedule, device: torch.device
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on a GPU that supports it when precision is 'bf16'; otherwise full fp32."""
-    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast on a GPU that supports it when precision is 'bf16'; otherwise full fp32 (a GPU
+    without native bf16 trains in fp32 rather than fp16, which would need a loss scaler)."""
+    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@dataclass
+class Job:
+    """One run's training as the loop sees it. `batch(idx, g)` draws the batch tensors for dataset
+    indices idx (random draws from g, in a fixed order); `loss(model, *batch)` is the scalar loss,
+    calling `model` like the task. Kept apart so that runs of one shape can train fused (one stacked
+    model, studylib.core.fused) with each member's own batches."""
+
+    task: torch.nn.Module
+    batch: Callable[[torch.Tensor, torch.Generator], tuple]
+    loss: Callable[..., torch.Tensor]
+    n_train: int
+    seed: int
+    run_dir: Path
+    desc: str = "train"
+
+    def step(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return self.loss(self.task, *self.batch(idx, g))
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors, no pickle)
@@ -122,6 +148,27 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 # ---------------------------------------------------------------- the loop
 
 
+def resume(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Load run_dir's checkpoint into model and opt when there is one -> (epochs done, their log);
+    the log file is rewritten to hold exactly those epochs (a crash may have logged one more)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start, history = 0, []
+    if (run_dir / CHECKPOINT).exists():
+        meta = load_checkpoint(run_dir / CHECKPOINT, model, opt)
+        start, history = meta["epoch"], meta["history"]
+    atomic_write_text(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in history))
+    return start, history
+
+
+def check_finite(loss: float, desc: str, epoch: int) -> float:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(
+            f"{desc}: the loss became {loss} during epoch {epoch + 1}; the checkpoint of epoch {epoch} (or the "
+            f"last one saved before it) is kept. Lower the learning rate or check the inputs, then rerun to resume."
+        )
+    return loss
+
+
 def fit(
     model: torch.nn.Module,
     step: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
@@ -132,21 +179,16 @@ def fit(
     device: torch.device,
     desc: str = "train",
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    checkpoint_seconds: float = 0.0,
 ) -> list[dict]:
     """Train for sched.epochs, resuming from run_dir/checkpoint.safetensors when present.
     Returns the per-epoch log (also appended to run_dir/train_log.jsonl)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device).train()
     opt = make_optimizer(model, sched, device)
-    history: list[dict] = []
-    start = 0
-    if (run_dir / CHECKPOINT).exists():
-        meta = load_checkpoint(run_dir / CHECKPOINT, model, opt)
-        start, history = meta["epoch"], meta["history"]
-    # the log holds exactly the checkpointed epochs (a crash may have logged one more)
-    atomic_write_text(run_dir / LOG, "".join(json.dumps(r) + "\n" for r in history))
+    start, history = resume(run_dir, model, opt)
     amp = autocast(device, sched.precision)
+    last_save = time.time()
     steps_per_epoch = -(-n_train // sched.batch_size)
     bar = tqdm(
         total=sched.epochs * steps_per_epoch,
@@ -161,28 +203,24 @@ def fit(
             group["lr"] = lr
         g = epoch_generator(seed, epoch)
         order = torch.randperm(n_train, generator=g)
-        t0, total, count = time.time(), 0.0, 0
+        t0, total = time.time(), torch.zeros((), device=device, dtype=torch.float64)
         for b in range(steps_per_epoch):
             idx = order[b * sched.batch_size : (b + 1) * sched.batch_size]
             with amp:
                 loss = step(idx, g)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
-                    f"the checkpoint of epoch {epoch} is kept. Lower the learning "
-                    f"rate or check the inputs, then rerun to resume."
-                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
+            total += loss.detach() * len(idx)  # on the device: no wait for it per step
             bar.update(1)
-        record = {"epoch": epoch + 1, "loss": total / count, "lr": lr, "seconds": round(time.time() - t0, 3)}
+        record = {"epoch": epoch + 1, "loss": check_finite(total.item() / n_train, desc, epoch), "lr": lr}
+        record["seconds"] = round(time.time() - t0, 3)
         history.append(record)
         with open(run_dir / LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
-        save_checkpoint(run_dir / CHECKPOINT, model, opt, {"epoch": epoch + 1, "history": history})
+        if epoch + 1 == sched.epochs or time.time() - last_save >= checkpoint_seconds:
+            save_checkpoint(run_dir / CHECKPOINT, model, opt, {"epoch": epoch + 1, "history": history})
+            last_save = time.time()
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)

@@ -365,49 +365,32 @@ def load_image_set(
     """A seeded, nested subset of n unlabeled images (m = n less any unreadable files when skipping);
     labels are the subset's positions in the sorted file list. Without `max_aspect` every image is
     squashed to [3, size, size]; with it (>= 1) the aspect is kept: short side `size`, long side at most
-    round(size * max_aspect), laid out as ImageSet describes, valid sizes in `sizes`."""
+    round(size * max_aspect), laid out as ImageSet describes, valid sizes in `sizes`. The images are rows
+    of the folder's decoded store (studylib.data.decoded), which every n and seed shares: each file is
+    decoded once, on every core."""
+    from studylib.data.decoded import decoded_rows  # that module builds on this one
+
     paths = list_images(root)
     if n > len(paths):
         raise DataError(
             f"{n} pre-training images requested but {root} holds {len(paths)}; "
             f"lower grid.pretrain_sizes or point data.images at a larger folder"
         )
+    if max_aspect is not None and max_aspect < 1:
+        raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
     order = sorted(nested_subset(len(paths), n, seed))
     chosen = [paths[i] for i in order]
-    if max_aspect is None:
-        arr, bad = cached_stack(
-            chosen, f"images|{size}|bilinear", lambda p: decode_image(p, size), cache_dir, (0, size, size, 3), skip
-        )
-        sizes = np.full((len(chosen), 2), size, np.int32)
-    else:
-        if max_aspect < 1:
-            raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
-        bound = round(size * max_aspect)
-        what = f"{size}|{bound}|{max_aspect}|bilinear|short-side-top-left-long-along-width"
-        arr, bad_img = cached_stack(
-            chosen,
-            f"images-aspect|{what}",
-            lambda p: decode_image_aspect(p, size, max_aspect),
-            cache_dir,
-            (0, size, bound, 3),
-            skip,
-        )
-        sizes, bad_size = cached_stack(
-            chosen,
-            f"images-aspect-sizes|{what}",
-            lambda p: image_valid_size(p, size, max_aspect),
-            cache_dir,
-            (0, 2),
-            skip,
-        )
-        bad = sorted(set(bad_img) | set(bad_size))
-    keep = [i for i in range(len(chosen)) if i not in set(bad)]
+    found = decoded_rows(root, chosen, size, max_aspect, cache_dir, skip)
+    bad = sorted(found.unreadable)
+    if chosen and len(bad) == len(chosen):
+        raise DataError(f"none of the {len(chosen)} files could be read (first: {found.unreadable[bad[0]]})")
+    keep = sorted(set(range(len(chosen))) - set(bad))
     return ImageSet(
-        _chw(arr[keep]),
+        torch.from_numpy(found.chw(keep)),
         torch.tensor(order, dtype=torch.long)[keep],
         [],
         [str(chosen[i]) for i in bad],
-        torch.from_numpy(np.asarray(sizes[keep], np.int64)),
+        torch.from_numpy(found.valid_sizes(keep).astype(np.int64)),
     )
 
 

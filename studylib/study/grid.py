@@ -137,6 +137,45 @@ def plan(cfg: StudyConfig) -> list[Run]:
     return sorted(runs.values(), key=lambda r: STAGES.index(r.stage))
 
 
+@dataclass
+class Group:
+    """Runs of one stage that share the model and step shape (settings, data size): executed in one
+    kernel, and on a GPU trained as one stacked model. They differ in seed and parent encoder."""
+
+    stage: str
+    runs: list[Run]
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(" ".join(sorted(r.id for r in self.runs)).encode()).hexdigest()[:12]
+
+    def dir(self, runs: str | Path) -> Path:
+        return Path(runs) / "groups" / self.stage / self.id
+
+    def describe(self) -> str:
+        if len(self.runs) == 1:
+            return self.runs[0].describe()
+        shared = {k: v for k, v in self.runs[0].labels.items() if all(r.labels.get(k) == v for r in self.runs)}
+        return f"{self.stage} x{len(self.runs)} ({', '.join(f'{k}={v}' for k, v in shared.items() if k != 'protocol')})"
+
+
+def shape_key(run: Run) -> str:
+    """Runs with equal keys can train together: everything but the seed (and the parent, not in params)."""
+    return json.dumps({"stage": run.stage, **{k: v for k, v in run.params.items() if k != "seed"}}, sort_keys=True)
+
+
+def groups(runs: list[Run], size: int) -> list[Group]:
+    """The runs in groups of equal shape, at most `size` each (split evenly), in plan order."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(shape_key(run), []).append(run)
+    out = []
+    for members in by_key.values():
+        chunks = -(-len(members) // max(1, size))
+        out += [Group(members[0].stage, members[i::chunks]) for i in range(chunks)]
+    return sorted(out, key=lambda g: STAGES.index(g.stage))
+
+
 def image_steps(run: Run) -> int:
     """Training images processed by a run: dataset size x epochs (the unit of the cost estimates)."""
     if run.params["settings"].get("from_encoder"):

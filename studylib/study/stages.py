@@ -14,6 +14,9 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from studylib.core import augment as A
+from studylib.core.fused_fit import fit_jobs
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.metrics import ClassificationMeter, SegmentationMeter
 from studylib.core.model import (
@@ -33,7 +37,7 @@ from studylib.core.model import (
     load_encoder,
     model_config,
 )
-from studylib.core.train import Schedule, fit, resolve_device
+from studylib.core.train import Job, Schedule, resolve_device
 from studylib.data.readers import (
     PET_CLASSES,
     _find_image,
@@ -45,7 +49,15 @@ from studylib.data.readers import (
 )
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
-from studylib.study.config import IntermediateConfig, ParamError, PretrainConfig, SegmentConfig, build, file_sha256
+from studylib.study.config import (
+    EngineConfig,
+    IntermediateConfig,
+    ParamError,
+    PretrainConfig,
+    SegmentConfig,
+    build,
+    file_sha256,
+)
 from studylib.study.locks import RunLock
 from studylib.study.store import STAGE_LOCK, RunFolder
 
@@ -61,6 +73,29 @@ class StageResult:
 
 
 # ---------------------------------------------------------------- shared plumbing
+
+
+@dataclass
+class Prepared:
+    """A stage run ready to train: its job and schedule, and `finish(history)`, which evaluates the
+    trained task and writes the run's results (for a finished run: restores and re-reads them)."""
+
+    job: Job
+    sched: Schedule
+    device: torch.device
+    finished: bool
+    finish: Callable[[list[dict]], StageResult]
+
+
+def _train(p: Prepared, engine: dict | None) -> StageResult:
+    """Train one prepared run (unless finished) and finish it."""
+    e = build(EngineConfig, engine or {}, "engine")
+    history = []
+    if not p.finished:
+        (history,) = fit_jobs([p.job], p.sched, p.device, False, e.checkpoint_seconds, e.compile_mode(p.device))
+        if isinstance(history, Exception):
+            raise history
+    return p.finish(history)
 
 
 def _run_dir(run_dir: str) -> Path:
@@ -110,12 +145,18 @@ def pretrain(
     size: int = 64,
     seed: int = 0,
     device: str = "auto",
+    engine: dict | None = None,
 ) -> StageResult:
     """SimMIM pre-training of a fresh encoder on `size` unlabeled images; with `from_encoder` in the settings,
     that encoder file becomes the run's encoder and nothing is trained (`size` is then only its label)."""
     s = build(PretrainConfig, settings or {}, "pretrain")
     if s.from_encoder:
         return _import_encoder(run_dir, model, data, s, seed, device)
+    return _train(_prepare_pretrain(run_dir, model, data, settings, size, seed, device), engine)
+
+
+def _prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prepared:
+    s = build(PretrainConfig, settings or {}, "pretrain")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed, s.init), s.init)
     cfg = task.encoder.cfg
@@ -124,51 +165,58 @@ def pretrain(
     # cut from both ends (no crop of the paper's settings needs more: see readers.aspect_geometry)
     cached = round(cfg.img_size * (1 + s.cache_margin))
     image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0)
-    images, sizes = image_set.images, image_set.sizes
+    images, sizes = image_set.images.to(dev), image_set.sizes  # the uint8 images move to the device once
     canvas = tuple(images.shape[-2:])
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
     def batch(idx, g, crops=None):
         """Images idx cropped (random crops drawn from g unless `crops` are given), resized, flipped
         (when g is given), normalised; with one mask each."""
-        x, hw = A.to_float(images[idx].to(dev)), sizes[idx]
+        x, hw = A.to_float(images[idx.to(dev)]), sizes[idx]
         crops = A.random_resized_crop_params(hw, tuple(s.crop_scale), g=g) if crops is None else crops
         flips = A.random_flips(len(x), g) if g is not None else torch.zeros(len(x), dtype=torch.bool)
         x = A.normalize(A.warp_images(x, A.crop_grid(crops, hw, flips, cfg.img_size, canvas, dev)))
         return x, random_masks(len(x), cfg.grid, unit, s.mask_ratio, g).to(dev)
 
-    def step(idx, g):
-        x, mask = batch(idx, g)
-        return mim_loss(task(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
+    def loss(net, x, mask):
+        return mim_loss(net(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
 
     t0, folder = time.time(), RunFolder(run_dir)
-    finished = folder.is_done
-    history = [] if finished else fit(task, step, len(images), _schedule(s), seed, run_dir, dev, "pretrain")
-    if finished:
-        folder.restore(task)
-    task.to(dev).eval()
-    # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
-    g = torch.Generator().manual_seed(10_000 + seed)
-    idx = torch.arange(min(len(images), EVAL_BATCH))
-    with torch.no_grad():
-        x, mask = batch(idx, g, crops=A.whole_image_params(sizes[idx]))  # the whole valid image
-        pred = task(x, mask)
-        eval_loss = mim_loss(pred, x, mask, cfg.patch_size, norm_pix=s.norm_pix_loss).item()
-    examples = {"images": x[:6].cpu(), "mask": mask[:6].cpu(), "pred": pred[:6].float().cpu(), "patch": cfg.patch_size}
-    if finished:
-        return StageResult(run_dir, folder.metrics, [], examples)
-    metrics = {
-        "stage": "pretrain",
-        "images": len(images),
-        "skipped": image_set.skipped,
-        "epochs": s.epochs,
-        "final_train_loss": history[-1]["loss"],
-        "eval_masked_l1": eval_loss,
-        "train_seconds": round(time.time() - t0, 2),
-        "device": str(dev),
-    }
-    folder.finish(task, metrics, {"stage": "pretrain", "images": len(images)})
-    return StageResult(run_dir, metrics, history, examples)
+
+    def finish(history: list[dict]) -> StageResult:
+        if folder.is_done:
+            folder.restore(task)
+        task.to(dev).eval()
+        # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
+        g = torch.Generator().manual_seed(10_000 + seed)
+        idx = torch.arange(min(len(images), EVAL_BATCH))
+        with torch.no_grad():
+            x, mask = batch(idx, g, crops=A.whole_image_params(sizes[idx]))  # the whole valid image
+            pred = task(x, mask)
+            eval_loss = mim_loss(pred, x, mask, cfg.patch_size, norm_pix=s.norm_pix_loss).item()
+        examples = {
+            "images": x[:6].cpu(),
+            "mask": mask[:6].cpu(),
+            "pred": pred[:6].float().cpu(),
+            "patch": cfg.patch_size,
+        }
+        if folder.is_done:
+            return StageResult(run_dir, folder.metrics, [], examples)
+        metrics = {
+            "stage": "pretrain",
+            "images": len(images),
+            "skipped": image_set.skipped,
+            "epochs": s.epochs,
+            "final_train_loss": history[-1]["loss"],
+            "eval_masked_l1": eval_loss,
+            "train_seconds": round(time.time() - t0, 2),
+            "device": str(dev),
+        }
+        folder.finish(task, metrics, {"stage": "pretrain", "images": len(images)})
+        return StageResult(run_dir, metrics, history, examples)
+
+    job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain")
+    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
 
 
 class _EncoderOnly(torch.nn.Module):
@@ -244,6 +292,7 @@ def intermediate(
     arm: str = "intel",
     pets_split: dict | None = None,
     downstream: dict | None = None,
+    engine: dict | None = None,
 ) -> StageResult:
     """Fine-tune the encoder on an intermediate task (the `arm`):
     'intel'        CLS classification of Intel scenes (the paper's stage);
@@ -252,78 +301,95 @@ def intermediate(
     The Pets arms train on images outside the downstream test split (`pets_split` holds the segment
     split settings that define it). `downstream` names the segmentation run this one serves when runs
     are not shared (the paper's pipeline)."""
+    prepared = _prepare_intermediate(
+        run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream
+    )
+    return _train(prepared, engine)
+
+
+def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream):
+    """-> (train, test, class names, train labels, test labels) of an intermediate arm."""
+    if arm == "intel":
+        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable, s.interpolation)
+        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable, s.interpolation)
+        return train, test, train.classes, train.labels, test.labels
+    seg = build(SegmentConfig, pets_split or {}, "pets_split")
+    n = (downstream or {}).get("finetune_size", 0)
+    train, test = segmentation_split(paths, seg, n, seed, S, all_but_test=True)
+    if arm == "pets-breeds":
+        K = int(torch.cat([train.labels, test.labels]).max()) + 1
+        return train, test, [str(k + 1) for k in range(K)], train.labels, test.labels
+    from studylib.data.splits import patch_labels
+
+    return train, test, list(PET_CLASSES), patch_labels(train.masks, grid), patch_labels(test.masks, grid)
+
+
+def _prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream):
     if arm not in ARMS[1:]:
         raise ValueError(f"intermediate arm {arm!r} is not one of {', '.join(ARMS[1:])}")
     s = build(IntermediateConfig, settings or {}, "intermediate")
     run_dir, dev, paths = Path(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
-    S = enc.cfg.img_size
-    if arm == "intel":
-        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable, s.interpolation)
-        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable, s.interpolation)
-        classes, train_y, test_y = train.classes, train.labels, test.labels
-    else:
-        seg = build(SegmentConfig, pets_split or {}, "pets_split")
-        n = (downstream or {}).get("finetune_size", 0)
-        train, test = segmentation_split(paths, seg, n, seed, S, all_but_test=True)
-        if arm == "pets-breeds":
-            K = int(torch.cat([train.labels, test.labels]).max()) + 1
-            classes, train_y, test_y = [str(k + 1) for k in range(K)], train.labels, test.labels
-        else:
-            from studylib.data.splits import patch_labels
-
-            classes = list(PET_CLASSES)
-            train_y, test_y = patch_labels(train.masks, enc.cfg.grid), patch_labels(test.masks, enc.cfg.grid)
+    S, grid = enc.cfg.img_size, enc.cfg.grid
+    train, test, classes, train_y, test_y = _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream)
     K = len(classes)
     norm = A.normalize if s.normalize else (lambda x: x)  # the Table-2 spatial recipe: raw inputs
     task = PatchClassifier(enc, K, s.init) if arm == "spatial" else Classifier(enc, K, s.init)
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
+    images, labels = train.images.to(dev), train_y.to(dev)  # the uint8 images move to the device once
 
-    def step(idx, g):
+    def batch(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
-        x = A.to_float(train.images[idx].to(dev))
-        grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)
-        x = norm(A.adjust_contrast(A.warp_images(x, grid), p["contrast"]))
-        y = train_y[idx].to(dev)
+        x = A.to_float(images[idx.to(dev)])
+        x = norm(
+            A.adjust_contrast(A.warp_images(x, A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)), p["contrast"])
+        )
+        y = labels[idx.to(dev)]
         if arm == "spatial":  # flip the patch labels with the image; no MixUp for a dense target
-            g_ = enc.cfg.grid
-            y = torch.where(p["flip"].to(dev).view(-1, 1, 1), y.view(-1, g_, g_).flip(-1), y.view(-1, g_, g_))
-            return F.cross_entropy(task(x).float().flatten(0, 1), y.reshape(-1))
-        x, y = A.mixup(x, y, K, s.mixup_alpha, g)
-        return torch.sum(-y * F.log_softmax(task(x).float(), dim=-1), dim=-1).mean()
+            flip = p["flip"].to(dev).view(-1, 1, 1)
+            return x, torch.where(flip, y.view(-1, grid, grid).flip(-1), y.view(-1, grid, grid)).reshape(len(x), -1)
+        return A.mixup(x, y, K, s.mixup_alpha, g)
 
-    t0 = time.time()
-    finished = RunFolder(run_dir).is_done
-    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, f"intermediate {arm}")
-    if finished:
-        RunFolder(run_dir).restore(task)
-    task.to(dev).eval()
-    meter = ClassificationMeter(K)
-    for i, logits in _batched(lambda sl: task(norm(A.to_float(test.images[sl].to(dev)))), len(test)):
-        meter.update(logits.float().cpu().reshape(-1, K), test_y[i : i + len(logits)].reshape(-1))
-    result = meter.compute()
-    examples = {"confusion": result["confusion_matrix"], "classes": classes}
-    if finished:
-        return StageResult(run_dir, RunFolder(run_dir).metrics, [], examples)
-    metrics = {
-        "stage": "intermediate",
-        "arm": arm,
-        "train_images": len(train),
-        "test_images": len(test),
-        "epochs": s.epochs,
-        "skipped": sorted(set(train.skipped + test.skipped)),
-        "downstream": downstream,
-        "top1": result["top1"],
-        "confusion_matrix": result["confusion_matrix"],
-        "classes": classes,
-        "final_train_loss": history[-1]["loss"],
-        "train_seconds": round(time.time() - t0, 2),
-        "device": str(dev),
-    }
-    RunFolder(run_dir).finish(task, metrics, {"stage": "intermediate", "arm": arm})
-    return StageResult(run_dir, metrics, history, examples)
+    def loss(net, x, y):
+        if arm == "spatial":
+            return F.cross_entropy(net(x).float().flatten(0, 1), y.reshape(-1))
+        return torch.sum(-y * F.log_softmax(net(x).float(), dim=-1), dim=-1).mean()
+
+    t0, folder = time.time(), RunFolder(run_dir)
+
+    def finish(history: list[dict]) -> StageResult:
+        if folder.is_done:
+            folder.restore(task)
+        task.to(dev).eval()
+        meter = ClassificationMeter(K)
+        for i, logits in _batched(lambda sl: task(norm(A.to_float(test.images[sl].to(dev)))), len(test)):
+            meter.update(logits.float().cpu().reshape(-1, K), test_y[i : i + len(logits)].reshape(-1))
+        result = meter.compute()
+        examples = {"confusion": result["confusion_matrix"], "classes": classes}
+        if folder.is_done:
+            return StageResult(run_dir, folder.metrics, [], examples)
+        metrics = {
+            "stage": "intermediate",
+            "arm": arm,
+            "train_images": len(train),
+            "test_images": len(test),
+            "epochs": s.epochs,
+            "skipped": sorted(set(train.skipped + test.skipped)),
+            "downstream": downstream,
+            "top1": result["top1"],
+            "confusion_matrix": result["confusion_matrix"],
+            "classes": classes,
+            "final_train_loss": history[-1]["loss"],
+            "train_seconds": round(time.time() - t0, 2),
+            "device": str(dev),
+        }
+        folder.finish(task, metrics, {"stage": "intermediate", "arm": arm})
+        return StageResult(run_dir, metrics, history, examples)
+
+    job = Job(task, batch, loss, len(train), seed, run_dir, f"intermediate {arm}")
+    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
 
 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
@@ -365,8 +431,13 @@ def segment(
     size: int = 32,
     seed: int = 0,
     device: str = "auto",
+    engine: dict | None = None,
 ) -> StageResult:
     """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""
+    return _train(_prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device), engine)
+
+
+def _prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device) -> Prepared:
     s = build(SegmentConfig, settings or {}, "segment")
     run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
@@ -376,50 +447,158 @@ def segment(
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
+    images, masks = train.images.to(dev), train.masks.to(dev)  # the uint8 images move to the device once
 
-    def step(idx, g):
+    def batch(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
-        x, y = _seg_apply(train.images[idx], train.masks[idx], p, s, dev)
-        logits = task(x).float()  # [B, K, H, W]
+        i = idx.to(dev)
+        return _seg_apply(images[i], masks[i], p, s, dev)
+
+    def loss(net, x, y):
+        logits = net(x).float()  # [B, K, H, W]
         if s.spatial_log_softmax:  # the authors' extra normalisation over the pixel axis
             logits = pixel_log_softmax(logits)
         return F.cross_entropy(logits, y)
 
-    t0 = time.time()
-    finished = RunFolder(run_dir).is_done
-    history = [] if finished else fit(task, step, len(train), _schedule(s), seed, run_dir, dev, "segment")
-    if finished:
-        RunFolder(run_dir).restore(task)
-    task.to(dev).eval()
-    test_aug = (
-        _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1)) if s.test_augmentation else None
-    )
-    meter, preds = SegmentationMeter(len(PET_CLASSES), PET_CLASSES), []
+    t0, folder = time.time(), RunFolder(run_dir)
 
-    def predict(sl):
-        p = {k: v[sl] for k, v in test_aug.items()} if test_aug else None
-        x, y = _seg_apply(test.images[sl], test.masks[sl], p, s, dev, augment=test_aug is not None)
-        return predict_classes(task(x).float(), s.eval_log_softmax).cpu(), y.cpu()
+    def finish(history: list[dict]) -> StageResult:
+        if folder.is_done:
+            folder.restore(task)
+        task.to(dev).eval()
+        test_aug = (
+            _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1))
+            if s.test_augmentation
+            else None
+        )
+        meter, preds = SegmentationMeter(len(PET_CLASSES), PET_CLASSES), []
 
-    for _, (pred, y) in _batched(predict, len(test)):
-        meter.update(pred, y)
-        preds.append(pred)
-    pred = torch.cat(preds)
-    report = meter.compute()
-    examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
-    if finished:
-        return StageResult(run_dir, RunFolder(run_dir).metrics, [], examples)
-    metrics = {
-        "stage": "segment",
-        "train_images": len(train),
-        "test_images": len(test),
-        "test_names": list(test.names),  # so any two runs can be checked for a shared test set
-        "epochs": s.epochs,
-        "skipped": sorted(set(train.skipped + test.skipped)),
-        **report,
-        "final_train_loss": history[-1]["loss"],
-        "train_seconds": round(time.time() - t0, 2),
-        "device": str(dev),
-    }
-    RunFolder(run_dir).finish(task, metrics, {"stage": "segment"})
-    return StageResult(run_dir, metrics, history, examples)
+        def predict(sl):
+            p = {k: v[sl] for k, v in test_aug.items()} if test_aug else None
+            x, y = _seg_apply(test.images[sl], test.masks[sl], p, s, dev, augment=test_aug is not None)
+            return predict_classes(task(x).float(), s.eval_log_softmax).cpu(), y.cpu()
+
+        for _, (pred, y) in _batched(predict, len(test)):
+            meter.update(pred, y)
+            preds.append(pred)
+        pred = torch.cat(preds)
+        report = meter.compute()
+        examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
+        if folder.is_done:
+            return StageResult(run_dir, folder.metrics, [], examples)
+        metrics = {
+            "stage": "segment",
+            "train_images": len(train),
+            "test_images": len(test),
+            "test_names": list(test.names),  # so any two runs can be checked for a shared test set
+            "epochs": s.epochs,
+            "skipped": sorted(set(train.skipped + test.skipped)),
+            **report,
+            "final_train_loss": history[-1]["loss"],
+            "train_seconds": round(time.time() - t0, 2),
+            "device": str(dev),
+        }
+        folder.finish(task, metrics, {"stage": "segment"})
+        return StageResult(run_dir, metrics, history, examples)
+
+    job = Job(task, batch, loss, len(train), seed, run_dir, "segment")
+    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
+
+
+# ---------------------------------------------------------------- groups: many runs in one kernel
+
+_PREPARE = {"pretrain": _prepare_pretrain, "intermediate": _prepare_intermediate, "segment": _prepare_segment}
+_STAGE = {"pretrain": pretrain, "intermediate": intermediate, "segment": segment}
+_HEADLINE = {"pretrain": "eval_masked_l1", "intermediate": "top1", "segment": "miou_per_image"}
+
+
+@dataclass
+class GroupResult:
+    """What a group of runs gave: per run folder its StageResult, or the exception that stopped it."""
+
+    stage: str
+    results: dict[str, StageResult | Exception]
+
+    def first(self) -> StageResult:
+        """The first run that finished (for the stage's pictures); raises when none did."""
+        for r in self.results.values():
+            if isinstance(r, StageResult):
+                return r
+        errors = list(self.results.values())
+        if len(errors) == 1:
+            raise errors[0]
+        raise RuntimeError(f"all {len(errors)} runs of the group failed: " + "; ".join(map(str, errors)))
+
+    def table(self):
+        """One row per run: its folder, status, headline metric and training seconds."""
+        import pandas as pd
+
+        rows = []
+        for run_dir, r in self.results.items():
+            ok = isinstance(r, StageResult)
+            metrics = r.metrics if ok else {}
+            rows.append(
+                {
+                    "run": Path(run_dir).name,
+                    "status": "done" if ok else f"failed: {type(r).__name__}",
+                    _HEADLINE[self.stage]: metrics.get(_HEADLINE[self.stage]),
+                    "train_seconds": metrics.get("train_seconds"),
+                }
+            )
+        return pd.DataFrame(rows).round(4)
+
+
+def run_group(stage: str, members: list[dict], engine: dict | None = None, **common) -> GroupResult:
+    """Run a group of `stage` runs that share `common` arguments (model, data, settings, device) and differ
+    in the per-member ones (run_dir and, by stage, parent_dir, size, seed, arm, ...). With engine.fuse on
+    (the default on a GPU) the members train as one stacked model, else one after another. A member that
+    fails is recorded failed in its run folder (error.json) and the others go on."""
+    e = build(EngineConfig, engine or {}, "engine")
+    dev = resolve_device(common.get("device", "auto"))
+    if e.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    imported = stage == "pretrain" and (common.get("settings") or {}).get("from_encoder")
+    if e.fused(dev) and len(members) > 1 and not imported:
+        return GroupResult(stage, _run_fused(stage, members, e, dev, common))
+    results = {}
+    for m in members:
+        try:
+            results[m["run_dir"]] = _STAGE[stage](**common, **m, engine=engine)
+        except Exception as err:  # recorded, the group goes on
+            results[m["run_dir"]] = _failed(m["run_dir"], err)
+    return GroupResult(stage, results)
+
+
+def _failed(run_dir: str, err: Exception) -> Exception:
+    if run_dir:  # a run in a temporary folder (no run_dir given) has no record to keep
+        RunFolder(run_dir).record_failure(f"{type(err).__name__}: {err}", traceback.format_exc())
+    return err
+
+
+def _run_fused(stage: str, members: list[dict], e: EngineConfig, dev, common: dict) -> dict:
+    """Prepare every member, train the unfinished ones fused, finish each; every folder's stage lock held."""
+    results: dict = {}
+    prepared: dict[str, Prepared] = {}
+    with ExitStack() as stack:
+        for m in sorted(members, key=lambda m: m["run_dir"]):  # one lock order for every process
+            stack.enter_context(RunLock(_run_dir(m["run_dir"]), STAGE_LOCK))
+        for m in members:
+            try:
+                prepared[m["run_dir"]] = _PREPARE[stage](**common, **m)
+            except Exception as err:
+                results[m["run_dir"]] = _failed(m["run_dir"], err)
+        todo = {d: p for d, p in prepared.items() if not p.finished}
+        logs = {}
+        if todo:
+            first = next(iter(todo.values()))
+            jobs = [p.job for p in todo.values()]
+            logs = dict(zip(todo, fit_jobs(jobs, first.sched, dev, True, e.checkpoint_seconds, e.compile_mode(dev))))
+        for d, p in prepared.items():
+            log = logs.get(d, [])
+            try:
+                if isinstance(log, Exception):
+                    raise log
+                results[d] = p.finish(log)
+            except Exception as err:
+                results[d] = _failed(d, err)
+    return {m["run_dir"]: results[m["run_dir"]] for m in members}

@@ -2,9 +2,12 @@
 what a run's files are called, what state it is in and how its results are read; the runner, the
 stages, the CLI, the analysis and the views ask it.
 
+    <runs>/groups/<stage>/<group id>/notebook.ipynb   one executed notebook for a group of runs
+
     <runs>/<stage>/<id>/
         params.json              stage, id, labels (where the run sits in the grid), parent, parameters
         notebook.ipynb           the executed stage notebook (notebook-failed.ipynb when it failed)
+        group.json               instead, for a run executed in a group: the group's notebook
         train_log.jsonl          one line per epoch
         checkpoint.safetensors   while training: the epoch checkpoint to resume from
         encoder.safetensors      the trained encoder; head.safetensors, the task head
@@ -19,9 +22,8 @@ failed (error.json, and not done), todo (anything else).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-
-import pandas as pd
 
 from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
 from studylib.study.locks import RunLock
@@ -102,6 +104,25 @@ class RunFolder:
     def clear_failure(self) -> None:
         (self.path / "error.json").unlink(missing_ok=True)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last attempt failed (error.json), or None."""
+        return read_json(self.path / "error.json", {}).get("error")
+
+    def write_group(self, group_id: str, notebook: Path) -> None:
+        """Point the run at the notebook of the group it was executed in (relative: the store can move)."""
+        rel = os.path.relpath(Path(notebook).resolve(), self.path.resolve())
+        atomic_write_json(self.path / "group.json", {"group": group_id, "notebook": rel})
+
+    @property
+    def notebook(self) -> Path | None:
+        """The executed notebook of this run: its own, or the one of the group it ran in; None if neither."""
+        own = self.path / "notebook.ipynb"
+        if own.exists():
+            return own
+        rel = read_json(self.path / "group.json", {}).get("notebook")
+        return (self.path / rel).resolve() if rel and (self.path / rel).exists() else None
+
     # ------------------------------------------------------------------ weights
 
     def finish(self, task, metrics: dict, meta: dict) -> None:
@@ -147,7 +168,7 @@ def states(plan: list, runs: str | Path) -> dict[str, str]:
     return {r.id: RunFolder.of(r, runs).state for r in plan}
 
 
-def collect(runs: str | Path, plan: list | None = None) -> pd.DataFrame:
+def collect(runs: str | Path, plan: list | None = None):
     """One row per finished segmentation run (optionally only the plan's): its grid labels, id, folder
     and metrics in %."""
     wanted = None if plan is None else {r.id for r in plan if r.stage == "segment"}
@@ -166,4 +187,6 @@ def collect(runs: str | Path, plan: list | None = None) -> pd.DataFrame:
             }
         )
     cols = ["protocol", "pretrain_size", "intermediate", "finetune_size", "seed", "id", "dir", *SEGMENT_METRICS]
+    import pandas as pd  # imported when needed: a stage kernel never needs it
+
     return pd.DataFrame(rows, columns=cols)

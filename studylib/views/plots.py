@@ -9,7 +9,6 @@ import torch
 from plotly.subplots import make_subplots
 
 from studylib.analysis.reference import PAPER_NAMES
-from studylib.analysis.tables import summary
 from studylib.analysis.vocabulary import METRICS, arm_label, arm_rank
 from studylib.core.augment import IMAGENET_MEAN, IMAGENET_STD
 from studylib.core.model import patchify, unpatchify
@@ -115,6 +114,8 @@ def scaling_curves(
     over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, its curves are
     overlaid dotted in the arm's colour, error bars = the paper's std; paper arms the study lacks start
     hidden (click the legend to show them)."""
+    from studylib.analysis.tables import summary  # the stage notebooks import plots: keep scipy out
+
     s = summary(df, metric)
     theirs = pd.DataFrame() if paper is None else paper[paper["metric"] == metric]
     colours = _arm_colours(list(s.pretrain_size) + list(theirs.get("pretrain_size", [])))

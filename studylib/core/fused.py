@@ -1,0 +1,197 @@
+"""Horizontally fused training: M runs of one architecture trained as one stacked model.
+
+Every parameter and buffer gets a leading member axis [M, ...] (torch.func.stack_module_state) and the
+forward pass is torch.func.functional_call under torch.func.vmap. The members' losses are summed before
+backward, and a sum separates: member i's leaves receive exactly d loss_i / d theta_i. AdamW is
+elementwise, so one AdamW over the stacked leaves equals M separate AdamWs up to float rounding, provided
+the members share the lr / weight-decay schedule (they do inside a group). AdamW's `step` is one scalar
+per leaf, shared by the members because they always step together.
+
+A member stays interchangeable with a separate run: `write_back` copies it into a plain module and
+`member_optimizer_state` gives the state a separate `train.make_optimizer` AdamW would hold, so
+`train.save_checkpoint` writes the same file either way; `load_member_optimizer_state` lets a group resume
+from its members' checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from studylib.core.train import Schedule, make_optimizer, param_groups
+
+SHARED_STATE = ("step",)  # optimizer state that is one value for the whole group, not one per member
+
+
+class Fused:
+    """M modules of one architecture as stacked leaves [M, ...] (params and buffers)."""
+
+    def __init__(self, tasks: list[nn.Module], device: torch.device | str):
+        _check_same_architecture(tasks)
+        params, buffers = stack_module_state(tasks)  # also refuses members in mixed train/eval modes
+        self.members = len(tasks)
+        # fresh leaves on the device: .to() of a leaf that needs grad would return a non-leaf
+        self.params = {n: p.detach().to(device).requires_grad_(p.requires_grad) for n, p in params.items()}
+        self.buffers = {n: b.detach().to(device) for n, b in buffers.items()}
+        # the architecture without storage: functional_call swaps one member's slices in
+        self.template = copy.deepcopy(tasks[0]).to("meta")
+        self.attention = attention_backends(torch.device(device))
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The stacked leaves, in the members' named_parameters order."""
+        return list(self.params.values())
+
+    def param_groups(self, weight_decay: float, decay_all: bool = False) -> list[dict]:
+        """train.param_groups' partition and order, decided on the unstacked template: a stacked bias is
+        2-D, so the rule's `ndim <= 1` must see a member's shape, not the leaf's."""
+        stacked = {id(p): self.params[n] for n, p in self.template.named_parameters()}
+        groups = param_groups(self.template, weight_decay, decay_all)
+        return [{**g, "params": [stacked[id(p)] for p in g["params"]]} for g in groups]
+
+    def losses(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor) -> torch.Tensor:
+        """[M] losses: loss_fn(model, *member_batch) for each member, where `model(*inputs)` runs that
+        member's weights and every batch tensor has a leading member axis [M, B, ...] (expand a batch
+        shared by all members: it costs no memory)."""
+
+        def member(params, buffers, *member_batch):
+            def model(*args, **kwargs):
+                return functional_call(self.template, (params, buffers), args, kwargs)
+
+            return loss_fn(model, *member_batch)
+
+        # timm's Dropout(p=0) layers call dropout; it returns before drawing (torch 2.14), but "different"
+        # does not rely on that, and should a member ever draw, members draw independently, as separate runs do
+        with sdpa_kernel(self.attention):
+            return vmap(member, randomness="different")(self.params, self.buffers, *batch)
+
+    @torch.no_grad()
+    def write_back(self, tasks: list[nn.Module]) -> None:
+        """Copy member i's slices into tasks[i], to save or evaluate it as a plain module."""
+        if len(tasks) != self.members:
+            raise ValueError(f"write_back: {len(tasks)} modules for a group of {self.members}")
+        leaves = {**self.params, **self.buffers}
+        for i, task in enumerate(tasks):
+            for n, t in [*task.named_parameters(), *task.named_buffers()]:
+                t.copy_(leaves[n][i])
+
+    def member_optimizer_state(self, opt: torch.optim.Optimizer, i: int) -> dict:
+        """Member i's optimizer state in the layout of a separate run's train.make_optimizer AdamW,
+        {param_index: {"step", "exp_avg", "exp_avg_sq"}}: the indices match because both optimizers
+        order their parameters by the same param_groups rule. `step` is the group's shared count."""
+        state = {}
+        for j, p in enumerate(self._ordered(opt)):
+            if opt.state.get(p):  # a leaf that never had a gradient has no state, as in a separate run
+                state[j] = {k: _member_value(k, v, i) for k, v in opt.state[p].items()}
+        return state
+
+    def load_member_optimizer_state(self, opt: torch.optim.Optimizer, i: int, state: dict) -> None:
+        """The reverse of member_optimizer_state, e.g. from a separate run's checkpoint. Every member
+        must be at the group's step: the stacked leaves share one step count."""
+        slots = [(p, state[j]) for j, p in enumerate(self._ordered(opt)) if j in state]
+        for p, member in slots:  # check everything first, so a refusal leaves the optimizer as it was
+            st = opt.state.get(p, {})
+            for k in SHARED_STATE:
+                if k in st and k in member and float(st[k]) != float(member[k]):
+                    raise ValueError(
+                        f"member {i} is at {k} {float(member[k]):g} but the group is at {float(st[k]):g}: "
+                        f"a group's members step together, so resume them from checkpoints of the same step"
+                    )
+        for p, member in slots:
+            st = opt.state[p]
+            for k, v in member.items():
+                v = torch.as_tensor(v)
+                if k in SHARED_STATE:
+                    st[k] = _shared_value(v, _owning_group(opt, p))
+                else:
+                    if k not in st:
+                        st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st[k][i].copy_(v)  # casts to the leaf's dtype and device, as Optimizer.load_state_dict
+
+    def _ordered(self, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The optimizer's parameters in its state_dict index order, checked to be this group's leaves."""
+        ordered = [p for g in opt.param_groups for p in g["params"]]
+        if sorted(map(id, ordered)) != sorted(map(id, self.parameters())):
+            raise ValueError("the optimizer is not over this group's stacked leaves (use make_fused_optimizer)")
+        return ordered
+
+
+def make_fused_optimizer(fused: Fused, sched: Schedule, device: torch.device) -> torch.optim.AdamW:
+    """train.make_optimizer for a group: the same groups, hyper-parameters and kernels, over stacked leaves."""
+    groups = fused.param_groups(sched.weight_decay, sched.decay_all)
+    return torch.optim.AdamW(groups, lr=sched.lr, fused=device.type == "cuda")
+
+
+def member_optimizer(
+    fused: Fused, opt: torch.optim.Optimizer, i: int, module: nn.Module, sched: Schedule, device: torch.device
+) -> torch.optim.AdamW:
+    """A separate run's optimizer (train.make_optimizer on member i's module) holding member i's state, so
+    train.save_checkpoint(path, module, member_optimizer(...), meta) writes what a separate run would."""
+    member_opt = make_optimizer(module, sched, device)
+    sd = member_opt.state_dict()
+    sd["state"] = fused.member_optimizer_state(opt, i)
+    member_opt.load_state_dict(sd)
+    return member_opt
+
+
+def fused_step(
+    fused: Fused,
+    opt: torch.optim.Optimizer,
+    loss_fn: Callable[..., torch.Tensor],
+    batches: tuple,
+    amp: AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """One optimisation step of the whole group; returns the [M] losses, detached and left on the device
+    (no host sync). `amp` (train.autocast) covers the forward only, as PyTorch advises. A member whose loss
+    is not finite spoils only its own weights: the caller drops it and keeps its last checkpoint."""
+    with amp or nullcontext():
+        losses = fused.losses(loss_fn, *batches)
+    opt.zero_grad(set_to_none=True)
+    losses.sum().backward()
+    opt.step()
+    return losses.detach()
+
+
+def attention_backends(device: torch.device) -> list[SDPBackend]:
+    """The attention kernels that work under vmap, forward and backward. On CUDA (seen with torch 2.11) the
+    memory-efficient kernel's backward fails ("LSE is not correctly aligned") and the math kernel's fails
+    under bf16 autocast, while flash and cuDNN work (bf16 only, so fp32 falls through to math). On the CPU
+    only math is batched: the flash kernel has no batching rule and vmap loops over the members."""
+    if device.type == "cuda":
+        return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return [SDPBackend.MATH]
+
+
+def _check_same_architecture(tasks: list[nn.Module]) -> None:
+    if not tasks:
+        raise ValueError("a fused group needs at least one module")
+
+    def shapes(m: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+        return [(n, tuple(t.shape)) for n, t in [*m.named_parameters(), *m.named_buffers()]]
+
+    first = shapes(tasks[0])
+    for i, task in enumerate(tasks[1:], start=1):
+        if type(task) is not type(tasks[0]) or shapes(task) != first:
+            raise ValueError(f"member {i} ({type(task).__name__}) differs in architecture from member 0")
+
+
+def _member_value(key: str, value, i: int):
+    if not torch.is_tensor(value):
+        return value
+    return value.detach().clone() if key in SHARED_STATE else value[i].detach().clone()
+
+
+def _owning_group(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict:
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
+def _shared_value(value: torch.Tensor, group: dict) -> torch.Tensor:
+    """Where Optimizer.load_state_dict puts a step: on the device for fused/capturable kernels, else as given."""
+    if group.get("fused") or group.get("capturable"):
+        return value.to(dtype=torch.float32, device=group["params"][0].device).clone()
+    return value.clone()

@@ -1,0 +1,530 @@
+"""The decoded-image store: each image file of a folder decoded once per geometry into one memory-mapped
+uint8 array, from which load_image_set takes the rows of any subset size and seed.
+
+One store per (source folder, resolution, interpolation, max_aspect, decoder), as files in the data cache
+folder named <prefix>-<hash of that key> (prefix `images` for the square squash, `images-aspect` for the
+aspect-kept layout; flat files beside the pets and intel caches, as the cache tests expect):
+
+- <prefix>-<hash>.<g>.npy        uint8 [N, H, W, 3], the decoded rows of generation g (np.load(mmap_mode="r"))
+- <prefix>-sizes-<hash>.<g>.npy  int32 [N, 2], each row's valid (height, width) (aspect-kept stores only: in a
+                                 square store every size is the resolution)
+- <prefix>-<hash>.json           the index: its generation and committed row count; per row the file's name
+                                 relative to the folder, its size and mtime; the unreadable rows and why
+- <prefix>-<hash>.lock           held by the one process (or thread) that extends the store
+
+What it holds: the files asked for so far, in the order first asked for, not the whole folder. The paper's
+grid takes nested subsets of up to 200k of ImageNet's 1.28M files for three seeds, about 510k distinct
+files in all: decoding the folder up front would decode 2.5 times that. A smaller subset of a seed seen
+before (subsets are nested) decodes nothing; another seed decodes only the files of its subset that no
+earlier call decoded; once every file is in, nothing is decoded again.
+
+Extension and atomicity: the index is the commit. New rows are appended past the committed ones (the
+array grows in place: the .npy header numpy writes leaves room for a longer first axis), written by the
+workers straight into the memory map and synced, and then the index naming them replaces the old one
+(written to a temporary name, then os.replace), every COMMIT_ROWS rows. A build interrupted anywhere
+leaves the last index, so the rows it was writing are invisible and the next call writes over them.
+Committed rows are never written again, so a reader's memory map never changes under it.
+
+A changed folder: files added or removed only extend the store (new files are decoded when a subset
+picks them; a removed file's row is never asked for again). A picked file whose size or mtime differs from
+its row's record makes the store stale, and it is rebuilt: the rows that call needs are decoded into the
+next generation's fresh files, whose first commit retires the old ones (a reader that mapped them keeps
+them). Rebuilding rather than re-decoding the row in place keeps committed rows immutable, and replacing
+a source file is what the per-subset cache before this one also answered by decoding again; ImageNet's
+files never change.
+
+Decoders: `pil` (device "cpu"; what load_image_set uses) is exactly readers.decode_image, or
+decode_image_aspect and image_valid_size, run in `workers` processes. `nvjpeg` (device "cuda"; "auto"
+where CUDA is available and every requested file is named .jpg/.jpeg) decodes JPEGs in batches with
+torchvision.io.decode_jpeg on the GPU and resizes there at the same geometry, with torch's antialiased
+filter and the crop box rounded to whole pixels: not bit-identical to PIL (another IDCT and resampler),
+within a few grey levels; the decoder is part of the key, so the two never share a store. A file that is
+not a complete JPEG, or that nvJPEG rejects (CMYK), is decoded by PIL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from studylib.core.files import atomic_write_bytes, atomic_write_text, read_json
+from studylib.data import readers as R
+from studylib.data.sources import default_cache_dir
+
+FORMAT = 1  # of the index and arrays; part of the key, so a new format never meets an old store
+MIN_ROWS_PER_PROCESS = 16  # below this many rows per worker the rows are decoded here (no pool to start)
+MAX_CHUNK = 256  # rows per task: small enough to balance the workers, large enough to amortise a task
+COMMIT_ROWS = 16384  # rows between index commits: an interrupted long build keeps the blocks it finished
+GPU_BATCH = 256  # files per decode_jpeg call
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a store holds per image: the square squash to size x size (max_aspect None), or the aspect-kept
+    layout of readers.decode_image_aspect (short side `size`, long side at most round(size * max_aspect))."""
+
+    size: int
+    max_aspect: float | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.interpolation not in R.RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(R.RESAMPLE)}, got {self.interpolation!r}")
+        if self.max_aspect is not None and self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect}")
+        if self.max_aspect is not None and self.interpolation != "bilinear":
+            raise ValueError("the aspect-kept layout is resampled bilinear only")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        if self.max_aspect is None:
+            return (self.size, self.size, 3)
+        return (self.size, round(self.size * self.max_aspect), 3)
+
+
+@dataclass(frozen=True)
+class Store:
+    """The files of one store (see the module docstring). The arrays carry a generation number: a rebuild
+    writes the next one, so the index and the arrays it names always agree."""
+
+    folder: Path
+    geometry: Geometry
+    decoder: str  # 'pil' or 'nvjpeg'
+    cache: Path
+
+    @property
+    def key(self) -> dict:
+        g = self.geometry
+        return {
+            "format": FORMAT,
+            "folder": str(self.folder.resolve()),
+            "size": int(g.size),
+            "max_aspect": None if g.max_aspect is None else float(g.max_aspect),
+            "interpolation": g.interpolation,
+            "decoder": self.decoder,
+        }
+
+    def _name(self, part: str = "") -> str:
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        return f"images{'' if self.geometry.max_aspect is None else '-aspect'}{part}-{digest}"
+
+    @property
+    def index_file(self) -> Path:
+        return self.cache / f"{self._name()}.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.cache / f"{self._name()}.lock"
+
+    def array(self, generation: int) -> Path:
+        return self.cache / f"{self._name()}.{generation}.npy"
+
+    def sizes(self, generation: int) -> Path | None:
+        """None for a square store: every size is the resolution."""
+        return None if self.geometry.max_aspect is None else self.cache / f"{self._name('-sizes')}.{generation}.npy"
+
+    def arrays(self, generation: int) -> list[tuple[Path, np.dtype, tuple]]:
+        """(path, dtype, row shape) of each array file of a generation."""
+        out = [(self.array(generation), np.dtype(np.uint8), self.geometry.shape)]
+        if self.sizes(generation) is not None:
+            out.append((self.sizes(generation), np.dtype(np.int32), (2,)))
+        return out
+
+    def other_generations(self, generation: int) -> list[Path]:
+        keep = {path for path, _, _ in self.arrays(generation)}
+        found = [*self.cache.glob(f"{self._name()}.*.npy"), *self.cache.glob(f"{self._name('-sizes')}.*.npy")]
+        return [p for p in found if p not in keep]
+
+
+@dataclass
+class Decoded:
+    """The store's rows for a list of requested files."""
+
+    images: np.ndarray  # [N, H, W, 3] uint8, memory-mapped (N >= the committed rows)
+    sizes: np.ndarray | None  # [N, 2] int32 valid (height, width); None: square, every size is the resolution
+    rows: np.ndarray  # [F] the row of each requested file
+    unreadable: dict[int, str]  # position among the requested files -> why that file cannot be read
+    shape: tuple[int, int, int]
+
+    def chw(self, keep) -> np.ndarray:
+        """The images of the requested files at positions `keep`, channel-first [len(keep), 3, H, W] uint8."""
+        rows = self.rows[np.asarray(keep, np.int64)]
+        out = np.empty((len(rows), 3, *self.shape[:2]), np.uint8)
+        for i in range(0, len(rows), 1024):  # a slice at a time, so no second full-size copy is made
+            out[i : i + 1024] = self.images[rows[i : i + 1024]].transpose(0, 3, 1, 2)
+        return out
+
+    def valid_sizes(self, keep) -> np.ndarray:
+        """The valid (height, width) of the requested files at positions `keep`, [len(keep), 2] int32."""
+        if self.sizes is None:
+            return np.full((len(keep), 2), self.shape[0], np.int32)
+        return np.asarray(self.sizes[self.rows[np.asarray(keep, np.int64)]], np.int32)
+
+
+def decoded_rows(
+    folder: str | Path,
+    files: list[Path],
+    size: int,
+    max_aspect: float | None = None,
+    cache_dir: str | Path | None = None,
+    skip: bool = False,
+    workers: int | None = None,
+    device: str = "cpu",
+    interpolation: str = "bilinear",
+) -> Decoded:
+    """The rows of `files` (inside `folder`) in the folder's store for this geometry, decoding first those it
+    lacks: on device "cpu" with PIL in `workers` processes (default: every CPU this process may use), exactly
+    as readers decodes; on "cuda" with nvJPEG; "auto" picks (see the module docstring). Unreadable files are
+    recorded in the store either way; without `skip` the first of them is then a DataError naming it and
+    the fix."""
+    geometry = Geometry(size, max_aspect, interpolation)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    store = Store(Path(folder), geometry, _decoder(device, files), cache)
+    if not files:
+        return Decoded(np.zeros((0, *geometry.shape), np.uint8), None, np.zeros(0, np.int64), {}, geometry.shape)
+    names = [Path(f).relative_to(store.folder).as_posix() for f in files]
+    stats = [_stat(f) for f in files]
+    for attempt in range(3):
+        index = read_index(store)
+        rows, changed = _lookup(index, names, stats)
+        if changed or (rows < 0).any():
+            index = _update(store, files, names, stats, workers or _cpus())
+            rows, _ = _lookup(index, names, stats)
+        try:
+            found = _open(store, index, rows)
+            break
+        except FileNotFoundError:  # a rebuild by another process removed this generation meanwhile
+            if attempt == 2:
+                raise
+    if found.unreadable and not skip:
+        raise R.DataError(found.unreadable[min(found.unreadable)])
+    return found
+
+
+def _decoder(device: str, files: list[Path]) -> str:
+    """'pil' for the CPU, 'nvjpeg' for CUDA; "auto" takes CUDA where it is there and the files are JPEGs."""
+    if device == "auto":
+        jpegs = all(Path(f).suffix.lower() in JPEG_SUFFIXES for f in files)
+        device = "cuda" if torch.cuda.is_available() and jpegs else "cpu"
+    if device == "cpu":
+        return "pil"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return "nvjpeg"
+    raise ValueError(f"device must be 'cpu', 'auto' or an available 'cuda', got {device!r}")
+
+
+def _cpus() -> int:
+    """The CPUs this process may use (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns
+
+
+# ---------------------------------------------------------------- the index
+
+
+def _empty_index(store: Store, generation: int = 0) -> dict:
+    return {
+        "key": store.key,
+        "generation": generation,
+        "rows": 0,
+        "names": [],
+        "bytes": [],
+        "mtimes": [],
+        "unreadable": [],
+    }
+
+
+def read_index(store: Store) -> dict:
+    """The committed index; an empty one where there is none (or, against a hash collision, another key's)."""
+    index = read_json(store.index_file)
+    return index if index is not None and index.get("key") == store.key else _empty_index(store)
+
+
+def _commit(store: Store, index: dict) -> None:
+    # compact: half a million rows are ~30 MB this way, several times that indented
+    atomic_write_text(store.index_file, json.dumps(index, separators=(",", ":")))
+
+
+def _lookup(index: dict, names: list[str], stats: list[tuple[int, int]]) -> tuple[np.ndarray, bool]:
+    """The row of each file (-1 where the store lacks it) and whether a file differs from its row's record."""
+    where = {name: row for row, name in enumerate(index["names"])}
+    rows = np.full(len(names), -1, np.int64)
+    changed = False
+    for k, (name, (nbytes, mtime)) in enumerate(zip(names, stats)):
+        row = where.get(name)
+        if row is not None:
+            rows[k] = row
+            changed |= index["bytes"][row] != nbytes or index["mtimes"][row] != mtime
+    return rows, changed
+
+
+def _open(store: Store, index: dict, rows: np.ndarray) -> Decoded:
+    images = np.load(store.array(index["generation"]), mmap_mode="r")
+    sizes_file = store.sizes(index["generation"])
+    sizes = None if sizes_file is None else np.load(sizes_file, mmap_mode="r")
+    bad = {row: reason for row, reason in index["unreadable"]}
+    unreadable = {k: bad[row] for k, row in enumerate(rows.tolist()) if row in bad}
+    return Decoded(images, sizes, rows, unreadable, store.geometry.shape)
+
+
+# ---------------------------------------------------------------- building and extending
+
+
+@contextmanager
+def _locked(path: Path):
+    """One extender at a time, across processes and threads (flock belongs to the open file, and the kernel
+    drops it when its holder dies, however it dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _update(store: Store, files: list[Path], names: list[str], stats: list, workers: int) -> dict:
+    """Under the store's lock: decode the files it lacks, into a new generation where it has no rows yet or a
+    file changed (the old generation stays whole and in use until the new one's first commit)."""
+    with _locked(store.lock_file):
+        index = read_index(store)  # another process may have done the work while this one waited
+        rows, changed = _lookup(index, names, stats)
+        if changed or index["rows"] == 0:
+            index = _empty_index(store, index["generation"] + 1)
+            rows[:] = -1
+        todo = np.flatnonzero(rows < 0).tolist()
+        files, names, stats = ([items[k] for k in todo] for items in (files, names, stats))
+        return _extend(store, index, files, names, stats, workers)
+
+
+def _extend(store: Store, index: dict, files: list, names: list, stats: list, workers: int) -> dict:
+    """Decode `files` into rows past the committed ones, committing the index every COMMIT_ROWS rows."""
+    from tqdm.auto import tqdm
+
+    from studylib.core.train import progress_enabled
+
+    with tqdm(total=len(files), desc="decoding images", disable=not progress_enabled(), leave=False) as bar:
+        for b in range(0, len(files), COMMIT_ROWS):
+            end = b + COMMIT_ROWS
+            index = _add_block(store, index, files[b:end], names[b:end], stats[b:end], workers, bar)
+    return index
+
+
+def _add_block(store: Store, index: dict, files: list, names: list, stats: list, workers: int, bar) -> dict:
+    """Decode one block of files into new rows, sync them, then commit the index that names them."""
+    start, generation = index["rows"], index["generation"]
+    for path, dtype, row_shape in store.arrays(generation):
+        if start == 0:  # a new generation starts from fresh files (over any an interrupted build left)
+            atomic_write_bytes(path, _npy_header(dtype, (0, *row_shape)))
+        _grow(path, start + len(files))
+    array, sizes = str(store.array(generation)), str(store.sizes(generation) or "")
+    if store.decoder == "nvjpeg":
+        bad = _decode_chunk_gpu(array, sizes, start, files, store.geometry, bar)
+    else:
+        bad = _decode_rows(array, sizes, start, files, store.geometry, workers, bar)
+    for path, _, _ in store.arrays(generation):
+        _sync(path)
+    index = {
+        **index,
+        "rows": start + len(files),
+        "names": index["names"] + names,
+        "bytes": index["bytes"] + [s for s, _ in stats],
+        "mtimes": index["mtimes"] + [m for _, m in stats],
+        "unreadable": index["unreadable"] + bad,
+    }
+    _commit(store, index)
+    if start == 0:
+        for old in store.other_generations(generation):  # a reader that mapped one keeps it
+            old.unlink(missing_ok=True)
+    return index
+
+
+def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
+    buf = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def _grow(path: Path, rows: int) -> None:
+    """Give the .npy at `path` at least `rows` rows in place: first the file (new rows read as zeros), then the
+    header's shape, which numpy pads so that a longer first axis fits in the same bytes."""
+    with open(path, "r+b") as f:
+        np.lib.format.read_magic(f)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        offset = f.tell()
+        if shape[0] >= rows:  # an interrupted build grew it already
+            return
+        header = _npy_header(dtype, (rows, *shape[1:]))
+        if len(header) != offset:
+            raise RuntimeError(f"{path}: the .npy header has no room for {rows} rows; delete the file")
+        f.truncate(offset + rows * int(np.prod(shape[1:])) * dtype.itemsize)
+        f.seek(0)
+        f.write(header)
+
+
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- decoding on the CPU (PIL)
+
+
+def _decode_rows(array: str, sizes: str, start: int, files: list, geometry: Geometry, workers: int, bar) -> list:
+    """PIL-decode `files` into rows start.. with up to `workers` processes; [row, reason] per unreadable file."""
+    procs = max(1, min(workers, len(files) // MIN_ROWS_PER_PROCESS))
+    chunk = max(1, min(MAX_CHUNK, -(-len(files) // (4 * procs))))  # ~4 tasks per worker, to even out the load
+    jobs = [(start + i, [str(f) for f in files[i : i + chunk]]) for i in range(0, len(files), chunk)]
+    bad = []
+    if procs == 1:
+        for first, part in jobs:
+            bad += _decode_chunk(array, sizes, first, part, geometry)
+            bar.update(len(part))
+        return bad
+    with ProcessPoolExecutor(procs, mp_context=_pool_context()) as pool:
+        futures = {pool.submit(_decode_chunk, array, sizes, first, part, geometry): len(part) for first, part in jobs}
+        try:
+            for fut in as_completed(futures):
+                bad += fut.result()
+                bar.update(futures[fut])
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # a failed build decodes no further
+            raise
+    return sorted(bad)
+
+
+def _pool_context():
+    """fork on Linux, as torch's DataLoader workers: they start at once with this process's modules (spawn would
+    import torch again in each) and run only PIL and numpy. Elsewhere the platform's default."""
+    return multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+
+
+def _decode_chunk(array: str, sizes: str, start: int, files: list[str], geometry: Geometry) -> list:
+    """Decode `files` into rows start.. of the store's arrays, opened here so that no pixels are pickled back;
+    returns [row, reason] for each unreadable file, whose row is left zero."""
+    images = np.lib.format.open_memmap(array, mode="r+")
+    valid = np.lib.format.open_memmap(sizes, mode="r+") if sizes else None
+    bad = []
+    for row, file in enumerate(files, start):
+        img, hw, reason = _decode_pil(Path(file), geometry)
+        images[row] = img
+        if valid is not None:
+            valid[row] = hw
+        if reason is not None:
+            bad.append([row, reason])
+    images.flush()
+    if valid is not None:
+        valid.flush()
+    return bad
+
+
+def _decode_pil(path: Path, geometry: Geometry) -> tuple[np.ndarray | int, np.ndarray | int, str | None]:
+    """(image [H, W, 3], valid (h, w), None) exactly as load_image_set decoded it, or (0, 0, the reason)."""
+    try:
+        if geometry.max_aspect is None:
+            return R.decode_image(path, geometry.size, geometry.interpolation), geometry.size, None
+        img = R.decode_image_aspect(path, geometry.size, geometry.max_aspect)
+        return img, R.image_valid_size(path, geometry.size, geometry.max_aspect), None
+    except R.DataError as e:
+        return 0, 0, str(e)
+
+
+# ---------------------------------------------------------------- decoding on the GPU (nvJPEG)
+
+
+def _decode_chunk_gpu(array: str, sizes: str, start: int, files: list, geometry: Geometry, bar) -> list:
+    """As _decode_chunk, with decode_jpegs on CUDA a batch at a time (PIL for the files it returns None for),
+    each batch written to the memory map in one slice."""
+    images = np.lib.format.open_memmap(array, mode="r+")
+    valid = np.lib.format.open_memmap(sizes, mode="r+") if sizes else None
+    bad = []
+    for b in range(0, len(files), GPU_BATCH):
+        part = files[b : b + GPU_BATCH]
+        imgs, hws = np.zeros((len(part), *geometry.shape), np.uint8), np.zeros((len(part), 2), np.int32)
+        for k, (file, got) in enumerate(zip(part, decode_jpegs(part, geometry, "cuda"))):
+            imgs[k], hws[k], reason = _decode_pil(Path(file), geometry) if got is None else (*got, None)
+            if reason is not None:
+                bad.append([start + b + k, reason])
+        images[start + b : start + b + len(part)] = imgs
+        if valid is not None:
+            valid[start + b : start + b + len(part)] = hws
+        bar.update(len(part))
+    images.flush()
+    if valid is not None:
+        valid.flush()
+    return bad
+
+
+def decode_jpegs(files: list, geometry: Geometry, device: str = "cuda") -> list:
+    """JPEG files decoded in one batch by torchvision.io.decode_jpeg (nvJPEG on cuda, libjpeg on cpu) and laid
+    out at `geometry` by resize_like_pil: (image [H, W, 3] uint8, valid (h, w) int32) per file, None for a file
+    that is not a complete JPEG (PIL rejects a truncated one, libjpeg would grey its end) or that it rejects."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas = [Path(f).read_bytes() for f in files]
+    whole = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff" and d.rstrip(b"\0")[-2:] == b"\xff\xd9"]
+    tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in whole]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
+    except RuntimeError:  # one file it rejects fails the batch: one at a time then
+        decoded = [_decode_jpeg_one(t, device) for t in tensors]
+    laid = {i: resize_like_pil(img, geometry) for i, img in zip(whole, decoded) if img is not None}
+    out = [None] * len(files)
+    if laid:
+        batch = torch.stack([img for img, _ in laid.values()]).cpu().numpy()  # one copy back per batch
+        for k, (i, (_, hw)) in enumerate(laid.items()):
+            out[i] = (batch[k], hw)
+    return out
+
+
+def _decode_jpeg_one(data: torch.Tensor, device: str) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def resize_like_pil(img: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, np.ndarray]:
+    """A decoded [3, h, w] uint8 image laid out, on its own device, as the PIL path lays it out ([H, W, 3] and
+    the valid (h, w)): the same output size, the same crop box rounded to whole pixels, torch's antialiased
+    filter (close to PIL's, not equal)."""
+    h, w = img.shape[-2:]
+    if geometry.max_aspect is None:
+        s = geometry.size
+        return _resample(img, (s, s), geometry.interpolation).permute(1, 2, 0), np.array([s, s], np.int32)
+    (ow, oh), (left, top, right, bottom) = R.aspect_geometry(w, h, geometry.size, geometry.max_aspect)
+    out = _resample(img[:, round(top) : round(bottom), round(left) : round(right)], (oh, ow), "bilinear")
+    if oh > ow:  # portrait images lie transposed, as in decode_image_aspect
+        out = out.transpose(1, 2)
+    pad = geometry.shape[1] - out.shape[2]  # repeat the last column, as np.pad(mode="edge")
+    out = torch.cat([out, out[:, :, -1:].expand(-1, -1, pad)], dim=2)
+    return out.permute(1, 2, 0), np.array([oh, ow], np.int32)
+
+
+def _resample(img: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    x = img[None].float()
+    if interpolation == "nearest":
+        y = torch.nn.functional.interpolate(x, size=size, mode="nearest-exact")
+    else:
+        y = torch.nn.functional.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
+    return y[0].round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,561 @@
+"""How fast this project trains, measured on one device, and what a study's plan will cost there.
+
+`bench` times, in one process on one device, the training throughput (images per second, steady state:
+warm-up steps excluded, the device synchronised before each clock read) of
+    reference  a loop in the authors' style: fp32, eager, one model, augmentation per image on the CPU,
+               a host-to-device copy of each batch, `loss.item()` every step, a plain (unfused) AdamW;
+    single     one run as this project trains it: the stage's real Job (uint8 images on the device,
+               augmentation drawn there), `job_step` compiled as EngineConfig decides, bf16 on a GPU;
+    fused      M runs as one stacked model (studylib.core.fused), batch per member, as a group trains;
+for pre-training (masked image modelling) and segmentation, on synthetic data (no download), and the
+start-up of a Jupyter kernel that imports the stage and plot modules (what every group pays once).
+
+`save_rates` keeps a result per device in the run store (<runs>/bench/<device>.json); `estimate` turns
+a plan into predicted wall time per stage from them.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from studylib.core import train as T
+from studylib.core.files import atomic_write_json, read_json
+from studylib.core.fused import Fused, fused_step, make_fused_optimizer
+from studylib.core.fused_fit import job_step
+from studylib.core.masking import mim_loss, random_masks
+from studylib.core.model import MODELS, MaskedImageModel, Segmenter, ViTConfig, build_encoder, model_config
+from studylib.study.config import EngineConfig, ParamError, build
+from studylib.study.grid import STAGES, Run, groups, image_steps
+
+TASKS = ("pretrain", "segment")  # what is measured; the intermediate stage borrows segmentation's rates
+KERNEL_CODE = "from studylib.study import stages; from studylib.views import plots"
+KERNEL_INCLUDES = (
+    "start a Jupyter kernel (jupyter_client KernelManager, IPC sockets), wait until it answers, and execute "
+    f"`{KERNEL_CODE}` in it (torch, timm, pandas, plotly imports); not papermill's notebook reading and writing"
+)
+SEG_CLASSES = 3
+INTEL_TEST_SHARE = 3_000 / 14_034  # Intel scenes: test images per training image (the real dataset)
+EVAL_BATCH = 256  # pre-training evaluates on its first 256 images (stages.EVAL_BATCH)
+
+
+@dataclass(frozen=True)
+class Box:
+    """How long one measurement runs: `warmup` untimed steps, then at least `min_steps` and `min_seconds`,
+    stopping at `max_seconds` (a time box: a slow configuration still finishes, with fewer steps)."""
+
+    batch: int
+    members: tuple[int, ...]
+    warmup: int
+    min_steps: int
+    min_seconds: float
+    max_seconds: float
+
+
+# smoke: that every entry runs (CI, tests), in seconds on a CPU; its numbers are not measurements
+SMOKE = Box(batch=8, members=(1, 4), warmup=1, min_steps=2, min_seconds=0.0, max_seconds=1.0)
+
+
+def full_box(device: torch.device) -> Box:
+    """Batch 64; groups up to 64 on a GPU; three warm-up steps there (a compile, CUDA graphs recorded on the
+    second call), one on a CPU (nothing is compiled there by default)."""
+    if device.type == "cuda":
+        return Box(batch=64, members=(1, 4, 16, 64), warmup=3, min_steps=20, min_seconds=2.0, max_seconds=15.0)
+    return Box(batch=64, members=(1, 4, 16), warmup=1, min_steps=20, min_seconds=2.0, max_seconds=15.0)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def forward_macs(cfg: ViTConfig, task: str) -> int:
+    """Multiply-accumulates of one image's forward pass through the matmuls: the patch embedding, per block
+    the qkv, projection and MLP linears over the N patch tokens (the dense path has no CLS token) and the
+    two attention matmuls (QK^T and AV, N x N per head), then the task head. Norms, softmax, GELU and the
+    loss are left out (a few % at these widths)."""
+    n, inner, hidden = cfg.num_patches, cfg.heads * cfg.head_dim, int(cfg.dim * cfg.mlp_ratio)
+    linears = cfg.dim * 3 * inner + inner * cfg.dim + 2 * cfg.dim * hidden
+    block = n * linears + 2 * n * n * inner
+    outputs = {"pretrain": cfg.patch_dim, "segment": cfg.patch_size**2 * SEG_CLASSES}
+    if task not in outputs:
+        raise ValueError(f"task {task!r}: FLOPs are counted for {', '.join(outputs)}")
+    return n * cfg.patch_dim * cfg.dim + cfg.depth * block + n * cfg.dim * outputs[task]
+
+
+def train_flops_per_image(cfg: ViTConfig, task: str) -> int:
+    """FLOPs of one image's training step: 2 per MAC, and backward ~ twice the forward."""
+    return 3 * 2 * forward_macs(cfg, task)
+
+
+# ---------------------------------------------------------------- the device and the clock
+
+
+def device_name(device: torch.device | str = "auto") -> str:
+    """The rates' file name: `cuda-<GPU name>` or `cpu-<CPU model, short>`, slugged."""
+    dev = T.resolve_device(device) if isinstance(device, str) else device
+    if dev.type == "cuda":
+        return _slug(f"cuda-{torch.cuda.get_device_name(dev)}")
+    return _slug(f"cpu-{_cpu_model()}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1]
+                break
+        else:
+            name = platform.processor()
+    except OSError:
+        name = platform.processor()
+    name = re.sub(r"\((r|tm)\)|@.*|\b\d+-core\b|\b(cpu|processor)\b", " ", name.lower())
+    return name.strip() or platform.machine() or "unknown"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _now(device: torch.device) -> float:
+    """The clock once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _say(text: str) -> None:
+    if T.progress_enabled():
+        print(text, file=sys.stderr, flush=True)
+
+
+def _note(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def timed(step: Callable[[], None], device: torch.device, box: Box) -> dict:
+    """Run `step` box.warmup times, then until the box is full -> steps, seconds and setup_s (the warm-up's
+    time beyond that many steady steps: a compile, the first allocations). The stop test reads the host clock
+    without waiting for the device (a GPU may lag a little behind); the time reported is read after it."""
+    t0 = _now(device)
+    for _ in range(box.warmup):
+        step()
+    warm = _now(device) - t0
+    steps, t0 = 0, _now(device)
+    while True:
+        step()
+        steps += 1
+        elapsed = time.perf_counter() - t0
+        if (steps >= box.min_steps and elapsed >= box.min_seconds) or elapsed >= box.max_seconds:
+            break
+    seconds = _now(device) - t0
+    return {"steps": steps, "seconds": seconds, "setup_s": max(0.0, warm - box.warmup * seconds / steps)}
+
+
+# ---------------------------------------------------------------- (a) the authors' loop
+
+
+def _reference_batch(task: str, data: tuple, cfg: ViTConfig, g: torch.Generator, batch: int):
+    """One batch augmented image by image on float CPU tensors, as a per-sample Dataset transform would:
+    pre-training a random square crop box (area 0.67-1) resized to the model input and a flip, plus masks;
+    segmentation a flip of image and trimap and a contrast jitter (its stage's augmentation)."""
+    idx = torch.randint(len(data[0]), (batch,), generator=g).tolist()
+    if task == "pretrain":
+        (images,) = data
+        xs = []
+        for i in idx:
+            side = images.shape[-1]
+            crop = max(1, round(side * math.sqrt(0.67 + 0.33 * float(torch.rand(1, generator=g)))))
+            top, left = torch.randint(side - crop + 1, (2,), generator=g).tolist()
+            x = images[i : i + 1, :, top : top + crop, left : left + crop]
+            x = F.interpolate(x, size=cfg.img_size, mode="bilinear", align_corners=False)
+            xs.append(x.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else x)
+        return torch.cat(xs), random_masks(batch, cfg.grid, 1, 0.5, g)
+    images, masks = data
+    xs, ys = [], []
+    for i in idx:
+        x, y = images[i], masks[i]
+        if float(torch.rand(1, generator=g)) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        f = 0.7 + 0.6 * float(torch.rand(1, generator=g))
+        xs.append((f * x + (1 - f) * x.mean()).clamp(0, 1))
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def reference(task: str, model: str, device: torch.device, box: Box) -> dict:
+    """(a): fp32, eager, one model, the batch augmented on the CPU and copied to the device, the loss read
+    back every step, torch.optim.AdamW without its fused kernel (all as the authors' code does)."""
+    cfg, g = model_config(model), torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    side = round(cfg.img_size * 1.125) if task == "pretrain" else cfg.img_size
+    images = torch.rand(2 * box.batch, 3, side, side, generator=g)
+    data = (images,) if task == "pretrain" else (images, torch.randint(SEG_CLASSES, (len(images), side, side)))
+    net = (MaskedImageModel if task == "pretrain" else Segmenter)(build_encoder(model, "torch")).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)  # the defaults: no fused kernel
+
+    def step():
+        x, y = (t.to(device) for t in _reference_batch(task, data, cfg, g, box.batch))
+        out = net(x, y) if task == "pretrain" else net(x)
+        loss = mim_loss(out, x, y, cfg.patch_size) if task == "pretrain" else F.cross_entropy(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return timed(step, device, box)
+
+
+# ---------------------------------------------------------------- (b) and (c): the project's training
+
+
+def _data(cache: str | Path | None, batch: int) -> dict:
+    """A synthetic data section with `batch` training images for each measured stage (and a few test images)."""
+    synth = {"seed": 0, "pets": batch + 8, "unlabeled": batch, "intel_train_per_class": 0, "intel_test_per_class": 0}
+    return {"kind": "synthetic", "synth": synth, **({"cache": str(cache)} if cache else {})}
+
+
+def prepare_jobs(task: str, model: str, device: torch.device, data: dict, folder: Path, n: int, batch: int) -> list:
+    """n real Prepared runs of the stage (seeds 0..n-1) with `batch` training images each."""
+    from studylib.study import stages  # the stages import the data readers: only once a bench runs
+
+    settings = {"epochs": 1, "batch_size": batch}
+    out = []
+    for seed in range(n):
+        run_dir = str(folder / f"{task}-{seed}")
+        if task == "pretrain":
+            out.append(stages._prepare_pretrain(run_dir, model, data, settings, batch, seed, str(device)))
+        else:
+            seg = {**settings, "test_size": 8}
+            out.append(stages._prepare_segment(run_dir, model, data, seg, "", batch, seed, str(device)))
+    return out
+
+
+def single(prepared, device: torch.device, box: Box) -> dict:
+    """(b): one run's training step as train.fit takes it (losses summed on the device, no read-back), compiled
+    as the engine's defaults say for this device; a compile that fails falls back to eager, with a note."""
+    job, sched = prepared.job, prepared.sched
+    job.task.to(device).train()
+    opt, amp = T.make_optimizer(job.task, sched, device), T.autocast(device, sched.precision)
+    mode, g = EngineConfig().compile_mode(device), torch.Generator().manual_seed(job.seed)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+
+    def step_with(fn):
+        def step():
+            nonlocal total
+            idx = torch.randperm(job.n_train, generator=g)[: sched.batch_size]
+            with amp:
+                loss = fn(idx, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+
+        return step
+
+    try:
+        out = timed(step_with(job_step(job, mode)), device, box)
+    except Exception as e:  # a benchmark must finish: measure eager instead
+        if not mode:
+            raise
+        _note(f"torch.compile (mode {mode!r}) failed ({type(e).__name__}: {e}); measuring eager instead")
+        mode = ""
+        out = timed(step_with(job.step), device, box)
+    return {**out, "compile_mode": mode or "eager", "precision": _precision(device, sched.precision)}
+
+
+def fused(prepared: list, device: torch.device, box: Box) -> dict:
+    """(c): the members as one stacked model, stepped as fused_fit trains a group (eager, bf16 on a GPU)."""
+    jobs, sched = [p.job for p in prepared], prepared[0].sched
+    group = Fused([j.task.to(device).train() for j in jobs], device)
+    opt, amp = make_fused_optimizer(group, sched, device), T.autocast(device, sched.precision)
+    gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    total = torch.zeros(len(jobs), device=device, dtype=torch.float64)
+
+    def step():
+        nonlocal total
+        drawn = [j.batch(torch.randperm(j.n_train, generator=g)[: sched.batch_size], g) for j, g in zip(jobs, gens)]
+        batches = tuple(torch.stack(parts) for parts in zip(*drawn))
+        total += fused_step(group, opt, jobs[0].loss, batches, amp).double() * sched.batch_size
+
+    return {**timed(step, device, box), "compile_mode": "eager", "precision": _precision(device, sched.precision)}
+
+
+def _precision(device: torch.device, precision: str) -> str:
+    return "bf16" if isinstance(T.autocast(device, precision), torch.autocast) else "fp32"
+
+
+# ---------------------------------------------------------------- kernel start-up
+
+
+def kernel_startup(timeout: float = 300) -> float:
+    """Seconds from starting a Jupyter kernel to the reply of KERNEL_CODE executed in it (see KERNEL_INCLUDES)."""
+    from jupyter_client.manager import KernelManager
+
+    folder = Path(tempfile.mkdtemp(prefix="studylib-bench-kernel-"))
+    km = KernelManager(kernel_name="python3", transport="ipc", ip=str(folder / "kernel"))
+    try:
+        t0 = time.perf_counter()
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=timeout)
+            reply = kc.execute_interactive(KERNEL_CODE, timeout=timeout, output_hook=lambda msg: None)
+            seconds = time.perf_counter() - t0
+        finally:
+            kc.stop_channels()
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"the kernel could not run {KERNEL_CODE!r}: {reply['content'].get('evalue')}")
+        return seconds
+    finally:
+        km.shutdown_kernel(now=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def bench(device: str = "auto", smoke: bool = False, model: str | None = None, cache: str | Path | None = None) -> dict:
+    """Measure every entry on one device -> {device, device_type, model, smoke, batch, note, kernel_startup_s,
+    kernel_includes, entries: [{stage, what, members, batch, images_per_s, x_reference, tflops, steps, seconds,
+    setup_s, compile_mode, precision}]}. `smoke`: viny-tiny, batch 8, M 1 and 4, a few steps (seconds on a CPU);
+    otherwise the study's model (viny on a GPU; viny-tiny on a CPU unless `model` says otherwise), batch 64.
+    `cache`: where the synthetic data is written (default: the user's cache folder)."""
+    dev = T.resolve_device(device)
+    box = SMOKE if smoke else full_box(dev)
+    default = "viny-tiny" if smoke or dev.type == "cpu" else "viny"
+    name = model or default
+    if name not in MODELS:  # before any work
+        raise ParamError(f"model {name!r}: not one of {', '.join(MODELS)}")
+    result = {
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": name,
+        "smoke": smoke,
+        "batch": box.batch,
+        "note": _model_note(name, dev, smoke, model),
+        "entries": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="studylib-bench-") as folder:
+        data = _data(cache, box.batch)
+        for task in TASKS:
+            result["entries"] += _measure_task(task, name, dev, data, Path(folder), box)
+    _say("kernel start-up")
+    result["kernel_startup_s"] = kernel_startup()
+    result["kernel_includes"] = KERNEL_INCLUDES
+    return result
+
+
+def _model_note(name: str, dev: torch.device, smoke: bool, asked: str | None) -> str:
+    if asked:
+        return f"model {name} as asked"
+    if smoke:
+        return (
+            "smoke: viny-tiny, batch 8, groups of 1 and 4, a few steps: a check that everything runs, not a measurement"
+        )
+    if dev.type == "cpu":
+        return "on a CPU the bench measures viny-tiny, not the study's viny (~16x the compute per image): --model viny"
+    return "the study's model"
+
+
+def _measure_task(task: str, model: str, dev: torch.device, data: dict, folder: Path, box: Box) -> list[dict]:
+    """The reference, single and fused entries of one stage; one that fails (say, out of memory) is noted
+    and left out, so the bench always finishes."""
+    flops = train_flops_per_image(model_config(model), task)
+    prepared = prepare_jobs(task, model, dev, data, folder, max(box.members), box.batch)
+    plans = [
+        ("reference", 1, lambda: reference(task, model, dev, box)),
+        ("single", 1, lambda: single(prepared[0], dev, box)),
+    ]
+    plans += [("fused", m, lambda m=m: fused(prepared[:m], dev, box)) for m in box.members]
+    entries: list[dict] = []
+    for what, members, measure in plans:
+        _say(f"{task} {what} M={members}")
+        try:
+            out = measure()
+        except Exception as e:
+            _note(f"{task} {what} M={members} failed ({type(e).__name__}: {e}); left out")
+            continue
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rate = members * box.batch * out["steps"] / out["seconds"]
+        ref = entries[0]["images_per_s"] if entries and entries[0]["what"] == "reference" else None
+        entries.append(
+            {
+                "stage": task,
+                "what": what,
+                "members": members,
+                "batch": box.batch,
+                "images_per_s": rate,
+                "x_reference": rate / ref if ref else (1.0 if what == "reference" else None),
+                "tflops": rate * flops / 1e12,
+                **out,
+            }
+        )
+    return entries
+
+
+def table(result: dict) -> str:
+    """The result as a plain-text table, with the device, the model and the kernel start-up."""
+    head = f"{'what':<20}{'M':>4}{'batch':>7}{'img/s':>11}{'x reference':>13}{'TFLOP/s':>10}"
+    lines = [
+        f"bench on {result['device']} ({result['threads']} threads), torch {result['torch']}, model {result['model']}",
+        f"note: {result['note']}",
+        "",
+        head,
+        "-" * len(head),
+    ]
+    for e in result["entries"]:
+        what = f"{e['stage']} {e['what']}"
+        ratio = f"{e['x_reference']:.2f}" if e["x_reference"] is not None else "-"
+        lines.append(
+            f"{what:<20}{e['members']:>4}{e['batch']:>7}{e['images_per_s']:>11.1f}{ratio:>13}{e['tflops']:>10.3f}"
+        )
+    lines += ["", f"kernel start-up: {result['kernel_startup_s']:.1f} s ({result['kernel_includes']})"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- rates in the run store
+
+
+def rates_path(runs: str | Path, device: str) -> Path:
+    return Path(runs) / "bench" / f"{device}.json"
+
+
+def save_rates(runs: str | Path, result: dict) -> Path:
+    """Write the bench result as <runs>/bench/<device name>.json (atomically)."""
+    return atomic_write_json(rates_path(runs, result["device"]), result)
+
+
+def load_rates(runs: str | Path, device: torch.device | str = "auto") -> dict | None:
+    """The stored bench result of this device (auto, cpu, cuda or a torch.device), or None."""
+    return read_json(rates_path(runs, device_name(device)))
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def _interpolate(points: dict[int, float], m: int) -> float:
+    """Linear in the group size between the measured sizes; the nearest measured one outside them."""
+    ms = sorted(points)
+    if m <= ms[0]:
+        return points[ms[0]]
+    if m >= ms[-1]:
+        return points[ms[-1]]
+    hi = next(k for k in ms if k >= m)
+    lo = max(k for k in ms if k <= m)
+    if hi == lo:
+        return points[lo]
+    return points[lo] + (points[hi] - points[lo]) * (m - lo) / (hi - lo)
+
+
+def _entries(rates: dict, stage: str, what: str) -> dict[int, dict]:
+    task = "segment" if stage == "intermediate" else stage
+    return {e["members"]: e for e in rates["entries"] if e["stage"] == task and e["what"] == what}
+
+
+def _scale(rates: dict, run: Run, stage: str) -> float:
+    """Measured rates are of rates['model']: another model's runs go slower in proportion to their FLOPs."""
+    task = "segment" if stage == "intermediate" else stage
+    measured = train_flops_per_image(model_config(rates["model"]), task)
+    return measured / train_flops_per_image(model_config(run.params["model"]), task)
+
+
+def eval_images(run: Run) -> int:
+    """Images the run's finish evaluates (forward only): pre-training its first 256, segmentation its test set,
+    an intermediate Pets arm the segmentation test set, an Intel arm the Intel test set (as a share of train)."""
+    if run.stage == "pretrain":
+        return 0 if run.params["settings"].get("from_encoder") else min(run.params["size"], EVAL_BATCH)
+    if run.stage == "segment":
+        return run.params["settings"]["test_size"]
+    if run.params.get("pets_split"):
+        return run.params["pets_split"]["test_size"]
+    return round(image_steps(run) / run.params["settings"]["epochs"] * INTEL_TEST_SHARE)
+
+
+def _single(rates: dict, stage: str) -> dict:
+    entry = _entries(rates, stage, "single").get(1)
+    if entry is None:
+        raise ValueError(f"the bench result of {rates['device']} has no single-run rate for {stage}: run `study bench`")
+    return entry
+
+
+def group_seconds(group, rates: dict, fuse: bool) -> dict:
+    """One group's predicted seconds: training (image-steps at the fused rate for its size, or one run after
+    another at the single rate), setup (the measured warm-up excess, compiles: once per group fused, once per
+    run otherwise; not scaled by FLOPs) and finish (evaluation, a forward ~ a third of a training step)."""
+    stage, runs = group.stage, group.runs
+    scale, one = _scale(rates, runs[0], stage), _single(rates, stage)
+    steps = sum(image_steps(r) for r in runs)
+    by_m = _entries(rates, stage, "fused")
+    if fuse and len(runs) > 1 and by_m:  # fused_fit trains a group of one alone
+        train = steps / (_interpolate({m: e["images_per_s"] for m, e in by_m.items()}, len(runs)) * scale)
+        setup = _interpolate({m: e["setup_s"] for m, e in by_m.items()}, len(runs))
+    else:
+        train, setup = steps / (one["images_per_s"] * scale), len(runs) * one["setup_s"]
+    finish = sum(eval_images(r) for r in runs) / (3 * one["images_per_s"] * scale)
+    return {"image_steps": steps, "train_s": train, "setup_s": setup, "finish_s": finish}
+
+
+def estimate(plan: list[Run], rates: dict, engine: EngineConfig | dict | None = None, workers: int = 1):
+    """Predicted wall seconds per stage and in all, for the runs of `plan` (pass only those left to do), from
+    one device's bench result `rates`. The runs go in groups as the runner makes them (grid.groups with
+    engine.members); each group pays one kernel start-up; training is the image-steps at the measured
+    steady-state rate for the group's size (fused when engine.fused on this device, interpolated between the
+    measured sizes; else the single-run rate, run after run); plus the measured warm-up excess (compiles) and
+    an evaluation per run at a third of the single training rate per image.
+
+    Modelled: steady-state training, kernel start-up, compile and warm-up, evaluation as forward passes.
+    Approximated: the intermediate stage at the segmentation rates (it has no bench of its own; the same
+    encoder, a lighter head); another model than the measured one by the ratio of their FLOPs per image.
+    Not modelled: reading and decoding the data into the cache (first use), data loading in the finish,
+    checkpoint writes, the results notebook, other jobs sharing the device. `workers` overlap only the
+    kernel start-ups: concurrent groups share the one device, so their compute adds up."""
+    import pandas as pd
+
+    engine = engine if isinstance(engine, EngineConfig) else build(EngineConfig, engine or {}, "engine")
+    device = rates["device_type"]
+    fuse, size = engine.fused(device), engine.members(device)
+    rows = []
+    for stage in STAGES:
+        gs = groups([r for r in plan if r.stage == stage], size)
+        parts = [group_seconds(g, rates, fuse) for g in gs]
+        row = {"stage": stage, "runs": sum(len(g.runs) for g in gs), "groups": len(gs)}
+        for key in ("image_steps", "train_s", "setup_s", "finish_s"):
+            row[key] = sum(p[key] for p in parts)
+        row["startup_s"] = math.ceil(len(gs) / max(1, workers)) * rates["kernel_startup_s"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.loc[len(df)] = {"stage": "all", **df.drop(columns="stage").sum().to_dict()}
+    df["seconds"] = df[["startup_s", "setup_s", "train_s", "finish_s"]].sum(axis=1)
+    df["minutes"] = df["seconds"] / 60
+    return df.astype({"runs": int, "groups": int, "image_steps": int})
+
+
+def format_estimate(df, rates: dict, plan: list[Run]) -> str:
+    """The estimate as a table, the total in minutes, and what it stands on."""
+    shown = df[["stage", "runs", "groups", "image_steps", "startup_s", "setup_s", "train_s", "finish_s", "minutes"]]
+    lines = [shown.round(1).to_string(index=False), "", f"total: about {df['minutes'].iloc[-1]:.1f} min"]
+    lines.append(f"from the bench of {rates['device']} (model {rates['model']}, batch {rates['batch']})")
+    if rates.get("smoke"):
+        lines.append("warning: these are smoke rates (a check, not a measurement): run `study bench --runs ...`")
+    others = sorted({r.params["model"] for r in plan} - {rates["model"]})
+    if others:
+        lines.append(f"{', '.join(others)}: scaled from {rates['model']} by the ratio of training FLOPs per image")
+    if any(r.stage == "intermediate" for r in plan):
+        lines.append("intermediate: at the segmentation rates (a stand-in: the same encoder, another head)")
+    lines.append("not included: decoding the data on first use, checkpoint writes, the results notebook")
+    return "\n".join(lines)
