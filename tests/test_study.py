@@ -126,6 +126,7 @@ def test_interrupted_stage_resumes_to_the_same_metrics(tmp_path, monkeypatch):
         size=16,
         seed=0,
         device="cpu",
+        engine={"checkpoint_seconds": 0},  # a checkpoint after every epoch
     )
     whole = stages.segment(str(tmp_path / "whole"), **kwargs).metrics
 
@@ -136,14 +137,16 @@ def test_interrupted_stage_resumes_to_the_same_metrics(tmp_path, monkeypatch):
             if epoch == 2:
                 raise KeyboardInterrupt
 
-        return real_fit(*args, **kw, on_epoch_end=stop)
+        args = list(args)
+        args[8] = stop  # on_epoch_end, passed by position
+        return real_fit(*args, **kw)
 
-    monkeypatch.setattr(stages, "fit", interrupted_fit)
+    monkeypatch.setattr(train, "fit", interrupted_fit)
     with pytest.raises(KeyboardInterrupt):
         stages.segment(str(tmp_path / "resumed"), **kwargs)
     assert (tmp_path / "resumed" / train.CHECKPOINT).exists()
     assert not (tmp_path / "resumed" / "metrics.json").exists()
-    monkeypatch.setattr(stages, "fit", real_fit)
+    monkeypatch.setattr(train, "fit", real_fit)
     resumed = stages.segment(str(tmp_path / "resumed"), **kwargs).metrics
     for key in ("miou_per_image", "miou_dataset", "pixel_acc", "final_train_loss"):
         assert resumed[key] == whole[key], key
