@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from studylib.core import augment as A
+from studylib.core import train
 from studylib.data.readers import load_pets
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
@@ -84,10 +85,10 @@ def _train_draws(paths, tmp_path, monkeypatch, frozen: bool) -> list[dict]:
             draws[(len(calls) - 1) // (n // batch)][i].append(c)
         return real_contrast(x, factors)
 
-    real_fit, real_grid, real_contrast = stages.fit, A.affine_grid, A.adjust_contrast
+    real_fit, real_grid, real_contrast = train.fit, A.affine_grid, A.adjust_contrast
     with monkeypatch.context() as m:
         m.setenv("STUDYLIB_PROGRESS", "0")
-        m.setattr(stages, "fit", fit)
+        m.setattr(train, "fit", fit)
         m.setattr(A, "affine_grid", affine_grid)
         m.setattr(A, "adjust_contrast", adjust_contrast)
         stages.segment(

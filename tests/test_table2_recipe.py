@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from studylib.core import augment as A
+from studylib.core import train
 from studylib.core.model import build_encoder, load_encoder, save_encoder
 from studylib.study import config as C
 from studylib.study import grid, runner, stages
@@ -213,7 +214,7 @@ def data(tmp_path_factory):
 def test_the_pretrain_stage_imports_the_file_and_trains_nothing(tmp_path, data, monkeypatch):
     source = _encoder_file(tmp_path / "elsewhere.safetensors")
     settings = {"from_encoder": str(source), "from_encoder_sha256": C.file_sha256(source)}
-    monkeypatch.setattr(stages, "fit", lambda *a, **k: pytest.fail("an imported encoder is not trained"))
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("an imported encoder is not trained"))
     kwargs = dict(model="viny-tiny", data=data, settings=settings, size=200000, seed=0, device="cpu")
     result = stages.pretrain(str(tmp_path / "run"), **kwargs)
     assert result.metrics["from_encoder"] == str(source.resolve())
