@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from studylib.core import augment as A
+from studylib.data import decoded as DD
 from studylib.data import readers as D
 from studylib.study import stages
 
@@ -87,7 +88,7 @@ def _torchvision(heights, widths, seed: int) -> torch.Tensor:
 
 
 def test_cache_keeps_the_aspect_and_records_the_valid_size(odd_shapes, tmp_path):
-    s = D.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
+    s = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
     assert s.images.shape == (4, 3, 144, 288) and s.images.dtype == torch.uint8
     # labels are positions in the sorted file list: wide, tall, long, square
     by_name = dict(zip(("wide", "tall", "long", "square"), s.labels.argsort().tolist()))
@@ -107,7 +108,7 @@ def test_cache_keeps_the_aspect_and_records_the_valid_size(odd_shapes, tmp_path)
 
 
 def test_warping_the_whole_valid_image_restores_its_orientation(odd_shapes, tmp_path):
-    s = D.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
+    s = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=tmp_path / "cache", max_aspect=2.0)
     tall = int(s.labels.argsort()[1])
     x = A.to_float(s.images[[tall]])
     hw = s.sizes[[tall]]
@@ -127,13 +128,13 @@ def test_aspect_cache_is_reused_and_is_not_the_square_one(odd_shapes, tmp_path, 
         return real(*a, **k)
 
     monkeypatch.setattr(D, "decode_image_aspect", counted)
-    first = D.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
-    again = D.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
+    first = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
+    again = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
     assert calls["n"] == 4
     assert torch.equal(first.images, again.images) and torch.equal(first.sizes, again.sizes)
     names = sorted(f.name.split("-")[:-1] for f in cache.glob("*.npy"))
     assert names == [["images", "aspect"], ["images", "aspect", "sizes"]]
-    square = D.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache)  # the square squash, its own entry
+    square = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache)  # the square squash, its own entry
     assert square.images.shape == (4, 3, 144, 144) and (square.sizes == 144).all()
     assert len(list(cache.glob("*.npy"))) == 3
 
@@ -235,7 +236,7 @@ def test_distortion_matches_torchvision_on_mixed_aspects():
 
 @pytest.mark.skipif(not IMAGENET.is_dir(), reason="../shared/data/imagenet_sample is not beside the project")
 def test_distortion_on_the_imagenet_sample(tmp_path):
-    s = D.load_image_set(IMAGENET, 400, 144, seed=0, cache_dir=tmp_path, max_aspect=2.0)
+    s = DD.load_image_set(IMAGENET, 400, 144, seed=0, cache_dir=tmp_path, max_aspect=2.0)
     files = D.list_images(IMAGENET)
     originals = []  # (width, height) of each cached image's source
     for k in s.labels.tolist():

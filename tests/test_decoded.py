@@ -109,14 +109,14 @@ def _index(cache: Path) -> dict:
 @pytest.mark.parametrize("max_aspect", [None, 1.0, 2.0])
 @pytest.mark.parametrize("n, seed", [(12, 0), (7, 1), (3, 2)])
 def test_the_same_tensors_as_decoding_the_chosen_files(folder, tmp_path, max_aspect, n, seed):
-    got = D.load_image_set(folder, n, S, seed, cache_dir=tmp_path / "cache", max_aspect=max_aspect)
+    got = DD.load_image_set(folder, n, S, seed, cache_dir=tmp_path / "cache", max_aspect=max_aspect)
     _assert_same(got, _independent(folder, n, S, seed, max_aspect))
 
 
 def test_rows_come_from_one_store_in_first_asked_order(folder, tmp_path):
     cache = tmp_path / "cache"
     for n, seed in [(4, 0), (9, 1), (12, 2), (5, 3)]:
-        got = D.load_image_set(folder, n, S, seed, cache_dir=cache, max_aspect=2.0)
+        got = DD.load_image_set(folder, n, S, seed, cache_dir=cache, max_aspect=2.0)
         _assert_same(got, _independent(folder, n, S, seed, 2.0))
     npys = sorted(cache.glob("*.npy"))  # the images and their sizes, generation 1
     assert [p.name.rsplit("-", 1)[0] for p in npys] == ["images-aspect", "images-aspect-sizes"]
@@ -131,7 +131,7 @@ def test_rows_come_from_one_store_in_first_asked_order(folder, tmp_path):
 def test_the_same_tensors_on_the_real_imagenet_sample(tmp_path):
     cache = tmp_path / "cache"
     for n, seed in [(60, 0), (120, 1)]:
-        got = D.load_image_set(IMAGENET, n, 24, seed, cache_dir=cache, max_aspect=2.0)
+        got = DD.load_image_set(IMAGENET, n, 24, seed, cache_dir=cache, max_aspect=2.0)
         _assert_same(got, _independent(IMAGENET, n, 24, seed, 2.0))
 
 
@@ -140,12 +140,12 @@ def test_the_same_tensors_on_the_real_imagenet_sample(tmp_path):
 
 def test_a_nested_subset_or_another_seed_decodes_nothing_new(folder, tmp_path, counted):
     cache = tmp_path / "cache"
-    D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert counted["aspect"] == 12
     (array,) = cache.glob("images-aspect-[0-9a-f]*.npy")
     before = (array.stat().st_mtime_ns, _index_file(cache).stat().st_mtime_ns)
     for n, seed in [(5, 0), (12, 1), (3, 7)]:
-        got = D.load_image_set(folder, n, S, seed, cache_dir=cache, max_aspect=2.0)
+        got = DD.load_image_set(folder, n, S, seed, cache_dir=cache, max_aspect=2.0)
         _assert_same(got, _independent(folder, n, S, seed, 2.0))
     assert counted["aspect"] == 12
     assert (array.stat().st_mtime_ns, _index_file(cache).stat().st_mtime_ns) == before
@@ -156,16 +156,16 @@ def test_the_store_is_extended_by_the_files_not_yet_decoded(folder, tmp_path, co
     paths = D.list_images(folder)
     seen: set[int] = set()
     for n, seed in [(3, 0), (6, 0), (6, 1), (4, 2), (12, 0)]:
-        D.load_image_set(folder, n, S, seed, cache_dir=cache)
+        DD.load_image_set(folder, n, S, seed, cache_dir=cache)
         seen |= set(D.nested_subset(len(paths), n, seed).tolist())
         assert counted["square"] == len(seen) == _index(cache)["rows"]
 
 
 def test_square_and_aspect_stores_and_resolutions_are_apart(folder, tmp_path, counted):
     cache = tmp_path / "cache"
-    D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
-    D.load_image_set(folder, 12, S, 0, cache_dir=cache)
-    D.load_image_set(folder, 12, 8, 0, cache_dir=cache)
+    DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    DD.load_image_set(folder, 12, S, 0, cache_dir=cache)
+    DD.load_image_set(folder, 12, 8, 0, cache_dir=cache)
     assert counted == {"aspect": 12, "square": 24}
     assert len(list(cache.glob("*.json"))) == 3 and len(list(cache.glob("*.npy"))) == 4
 
@@ -176,7 +176,7 @@ def test_concurrent_callers_share_one_store(folder, tmp_path):
     def load(seed):
         try:
             _assert_same(
-                D.load_image_set(folder, 9, S, seed, cache_dir=cache, max_aspect=2.0),
+                DD.load_image_set(folder, 9, S, seed, cache_dir=cache, max_aspect=2.0),
                 _independent(folder, 9, S, seed, 2.0),
             )
         except BaseException as e:  # reported below, from the main thread
@@ -258,21 +258,21 @@ def test_an_interrupted_build_leaves_no_finished_store(folder, tmp_path, monkeyp
     cache = tmp_path / "cache"
     _interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+        DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert counted["aspect"] == 5 and not list(cache.glob("*.json")), "a half store looks finished"
     monkeypatch.undo()
-    got = D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    got = DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     _assert_same(got, _independent(folder, 12, S, 0, 2.0))
     assert len(list(cache.glob("*.npy"))) == 2
 
 
 def test_an_interrupted_extension_keeps_the_committed_rows(folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    D.load_image_set(folder, 4, S, 0, cache_dir=cache, max_aspect=2.0)
+    DD.load_image_set(folder, 4, S, 0, cache_dir=cache, max_aspect=2.0)
     committed = _index(cache)
     _interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+        DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert _index(cache) == committed
     monkeypatch.undo()
     calls = [0]
@@ -283,7 +283,7 @@ def test_an_interrupted_extension_keeps_the_committed_rows(folder, tmp_path, mon
         return real(*a, **k)
 
     monkeypatch.setattr(D, "decode_image_aspect", count)
-    got = D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    got = DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert calls[0] == 8  # only the rows the interrupted call did not commit
     monkeypatch.undo()
     _assert_same(got, _independent(folder, 12, S, 0, 2.0))
@@ -291,13 +291,13 @@ def test_an_interrupted_extension_keeps_the_committed_rows(folder, tmp_path, mon
 
 def test_a_changed_file_rebuilds_the_store_as_a_new_generation(folder, tmp_path, counted):
     cache = tmp_path / "cache"
-    D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
-    old = D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    old = DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     src = D.list_images(folder)[3]
     _smooth(40, 30, 99).save(src, quality=90, format="PNG" if src.suffix == ".png" else "JPEG")
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
-    got = D.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
+    got = DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert counted["aspect"] == 24
     _assert_same(got, _independent(folder, 12, S, 0, 2.0))
     assert not torch.equal(got.images[3], old.images[3]) and torch.equal(got.images[4], old.images[4])
@@ -312,16 +312,16 @@ def test_an_unreadable_file_is_an_error_naming_it_or_is_recorded(folder, tmp_pat
     cache = tmp_path / "cache"
     (folder / "n01" / "broken.jpg").write_bytes(b"\x00 not a JPEG \xff" * 30)
     with pytest.raises(DataError) as e:
-        D.load_image_set(folder, 13, S, 0, cache_dir=cache, max_aspect=2.0)
+        DD.load_image_set(folder, 13, S, 0, cache_dir=cache, max_aspect=2.0)
     assert "broken.jpg" in str(e.value) and "skip_unreadable" in str(e.value)
     assert counted["aspect"] == 13  # the readable ones are kept in the store all the same
-    s = D.load_image_set(folder, 13, S, 0, cache_dir=cache, skip=True, max_aspect=2.0)
+    s = DD.load_image_set(folder, 13, S, 0, cache_dir=cache, skip=True, max_aspect=2.0)
     assert counted["aspect"] == 13
     assert [Path(f).name for f in s.skipped] == ["broken.jpg"] and len(s.images) == len(s.sizes) == 12
     ((row, reason),) = _index(cache)["unreadable"]
     assert "broken.jpg" in reason
     with pytest.raises(DataError, match="broken.jpg"):  # without skip, still an error when read from the store
-        D.load_image_set(folder, 13, S, 0, cache_dir=cache, max_aspect=2.0)
+        DD.load_image_set(folder, 13, S, 0, cache_dir=cache, max_aspect=2.0)
 
 
 def test_no_readable_file_at_all(tmp_path):
@@ -330,11 +330,11 @@ def test_no_readable_file_at_all(tmp_path):
     for i in range(3):
         (root / f"{i}.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError, match="none of the 3 files"):
-        D.load_image_set(root, 3, S, 0, cache_dir=tmp_path / "cache", skip=True)
+        DD.load_image_set(root, 3, S, 0, cache_dir=tmp_path / "cache", skip=True)
 
 
 def test_zero_images_builds_no_store(folder, tmp_path):
-    s = D.load_image_set(folder, 0, S, 0, cache_dir=tmp_path / "cache", max_aspect=2.0)
+    s = DD.load_image_set(folder, 0, S, 0, cache_dir=tmp_path / "cache", max_aspect=2.0)
     assert s.images.shape == (0, 3, S, 2 * S) and s.sizes.shape == (0, 2)
     assert not (tmp_path / "cache").exists()
 

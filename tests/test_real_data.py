@@ -14,6 +14,7 @@ from PIL import Image
 
 from studylib import cli
 from studylib.analysis.tables import collect
+from studylib.data import decoded as DD
 from studylib.data import readers as D
 from studylib.data.check import check
 from studylib.data.download import get_archive
@@ -56,7 +57,7 @@ def test_loaders_read_the_samples(tmp_path):
     assert "Abyssinian_5" in tv.names  # the RGBA PNG named .jpg decodes
     intel = D.load_intel(SHARED / "intel_sample", "train", 32, cache_dir=tmp_path)
     assert len(intel) == 450 and intel.labels.bincount().tolist() == [75] * 6
-    grey = D.load_images(SHARED / "imagenet_sample", 400, 32, seed=0, cache_dir=tmp_path)
+    grey = DD.load_images(SHARED / "imagenet_sample", 400, 32, seed=0, cache_dir=tmp_path)
     assert grey.shape == (400, 3, 32, 32)
 
 

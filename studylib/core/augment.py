@@ -82,7 +82,7 @@ def whole_image_params(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def stored_transposed(sizes: torch.Tensor) -> torch.Tensor:
-    """The storage rule of an aspect-kept image set (studylib.data.readers.load_image_set): each image
+    """The storage rule of an aspect-kept image set (studylib.data.decoded.load_image_set): each image
     lies with its long side along the array's width, so one whose height exceeds its width is stored
     transposed."""
     return sizes[:, 0] > sizes[:, 1]

@@ -1,5 +1,5 @@
 """The decoded-image store: each image file of a folder decoded once per geometry into one memory-mapped
-uint8 array, from which load_image_set takes the rows of any subset size and seed.
+uint8 array, from which load_image_set (below) takes the rows of any subset size and seed.
 
 One store per (source folder, resolution, interpolation, max_aspect, decoder), as files in the data cache
 folder named <prefix>-<hash of that key> (prefix `images` for the square squash, `images-aspect` for the
@@ -528,3 +528,50 @@ def _resample(img: torch.Tensor, size: tuple[int, int], interpolation: str) -> t
     else:
         y = torch.nn.functional.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
     return y[0].round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------- subsets of the store
+
+
+def load_image_set(
+    root: str | Path,
+    n: int,
+    size: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    skip: bool = False,
+    max_aspect: float | None = None,
+) -> R.ImageSet:
+    """A seeded, nested subset of n unlabeled images (m = n less any unreadable files when skipping);
+    labels are the subset's positions in the sorted file list. Without `max_aspect` every image is
+    squashed to [3, size, size]; with it (>= 1) the aspect is kept: short side `size`, long side at most
+    round(size * max_aspect), laid out as readers.ImageSet describes, valid sizes in `sizes`. The images are rows
+    of the folder's decoded store (this module), which every n and seed shares: each file is
+    decoded once, on every core."""
+    paths = R.list_images(root)
+    if n > len(paths):
+        raise R.DataError(
+            f"{n} pre-training images requested but {root} holds {len(paths)}; "
+            f"lower grid.pretrain_sizes or point data.images at a larger folder"
+        )
+    if max_aspect is not None and max_aspect < 1:
+        raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
+    order = sorted(R.nested_subset(len(paths), n, seed))
+    chosen = [paths[i] for i in order]
+    found = decoded_rows(root, chosen, size, max_aspect, cache_dir, skip)
+    bad = sorted(found.unreadable)
+    if chosen and len(bad) == len(chosen):
+        raise R.DataError(f"none of the {len(chosen)} files could be read (first: {found.unreadable[bad[0]]})")
+    keep = sorted(set(range(len(chosen))) - set(bad))
+    return R.ImageSet(
+        torch.from_numpy(found.chw(keep)),
+        torch.tensor(order, dtype=torch.long)[keep],
+        [],
+        [str(chosen[i]) for i in bad],
+        torch.from_numpy(found.valid_sizes(keep).astype(np.int64)),
+    )
+
+
+def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The images of load_image_set, unreadable files being an error."""
+    return load_image_set(root, n, size, seed, cache_dir).images

@@ -38,11 +38,11 @@ from studylib.core.model import (
     model_config,
 )
 from studylib.core.train import Job, Schedule, resolve_device
+from studylib.data.decoded import load_image_set
 from studylib.data.readers import (
     PET_CLASSES,
     _find_image,
     decode_image,
-    load_image_set,
     load_intel,
     pets_root,
     read_pets_list,
