@@ -46,6 +46,9 @@ def test_groups_hold_runs_of_one_shape_within_the_cap(tmp_path):
             assert sizes == per_size  # split evenly
     # one group per pre-training size and per intermediate arm: the seeds differ, the shapes do not
     assert [len(g.runs) for g in grid.groups(plan, 8) if g.stage != "segment"] == [3, 3, 3]
+    # two workers running sequential groups: each shape in at least two groups, so neither worker idles
+    assert [len(g.runs) for g in grid.groups(plan, 8, spread=2) if g.stage != "segment"] == [2, 1, 2, 1, 2, 1]
+    assert sorted(len(g.runs) for g in grid.groups(plan, 100, spread=2) if g.stage == "segment") == [6, 6, 6, 6]
 
 
 def test_engine_settings_are_checked_and_resolved_per_device():

@@ -164,14 +164,16 @@ def shape_key(run: Run) -> str:
     return json.dumps({"stage": run.stage, **{k: v for k, v in run.params.items() if k != "seed"}}, sort_keys=True)
 
 
-def groups(runs: list[Run], size: int) -> list[Group]:
-    """The runs in groups of equal shape, at most `size` each (split evenly), in plan order."""
+def groups(runs: list[Run], size: int, spread: int = 1) -> list[Group]:
+    """The runs in groups of equal shape, at most `size` each (split evenly), in plan order. With
+    spread = k a shape's runs form at least k groups where they can: members of a group run one after
+    another unless fused, so k workers stay busy (three long pre-trainings on two CPU workers: 2 + 1)."""
     by_key: dict[str, list[Run]] = {}
     for run in runs:
         by_key.setdefault(shape_key(run), []).append(run)
     out = []
     for members in by_key.values():
-        chunks = -(-len(members) // max(1, size))
+        chunks = max(-(-len(members) // max(1, size)), min(len(members), spread))
         out += [Group(members[0].stage, members[i::chunks]) for i in range(chunks)]
     return sorted(out, key=lambda g: STAGES.index(g.stage))
 

@@ -220,10 +220,10 @@ class _Book:
     """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked; prints a
     progress line per finished group with an estimate of the time left."""
 
-    def __init__(self, plan: list[Run], runs: Path, echo, group_size: int):
+    def __init__(self, plan: list[Run], runs: Path, echo, group_size: int, spread: int = 1):
         self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, runs).is_done])
         done = set(self.summary.done)
-        self.pending = [g for g in groups([r for r in plan if r.id not in done], group_size) if g.runs]
+        self.pending = [g for g in groups([r for r in plan if r.id not in done], group_size, spread) if g.runs]
         self.total = sum(len(g.runs) for g in self.pending)
         self.cost = {r.id: max(1, image_steps(r)) for g in self.pending for r in g.runs}
         self.finished, self.bad, self.echo = set(done), set(), echo
@@ -293,8 +293,10 @@ def execute(
     training_timeout); a run past its limit is recorded failed."""
     runs = Path(runs).resolve()
     cache = cache or str(runs / "cache")
-    size = build(EngineConfig, engine or {}, "engine").members(resolved_device(device))
-    book = _Book(plan, runs, echo, size)
+    eng = build(EngineConfig, engine or {}, "engine")
+    # members of a sequential group share one worker: split each shape over the workers
+    spread = 1 if eng.fused(resolved_device(device)) or executor != "local" else workers
+    book = _Book(plan, runs, echo, eng.members(resolved_device(device)), spread)
     if executor == "local":
         _execute_local(book, runs, device, cache, workers, notebooks, timeouts, engine)
     elif executor in ("slurm", "submitit-local"):
