@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 
+import ipywidgets
 import pandas as pd
 import pytest
 
@@ -61,10 +62,10 @@ def test_summary_means_and_stds_are_over_seeds_with_ddof_1():
 
 def test_paper_table_layout_and_cells():
     t = paper_table(SMALL, "miou")
-    assert list(t.index) == ["none", "200", "200 + intermediate"] and list(t.columns) == [10]
-    assert t.loc["none", 10] == "41.00 +- 1.41"
-    assert t.loc["200", 10] == "51.50 +- 2.12"
-    assert paper_table(SMALL, "pixel_acc", with_n=True).loc["200 + intermediate", 10] == "78.00 +- 1.41 (2)"
+    assert list(t.index) == ["scratch", "mim 200", "mim 200 + intel"] and list(t.columns) == [10]
+    assert t.loc["scratch", 10] == "41.00 +- 1.41"
+    assert t.loc["mim 200", 10] == "51.50 +- 2.12"
+    assert paper_table(SMALL, "pixel_acc", with_n=True).loc["mim 200 + intel", 10] == "78.00 +- 1.41 (2)"
     assert paper_table(SMALL.iloc[:0], "miou").empty
 
 
@@ -73,7 +74,7 @@ def test_gain_is_paired_by_seed_with_a_t_interval():
     # per seed 50-40 = 10 and 53-42 = 11: mean 10.5, sd 0.7071, se 0.5, half width 12.7062 * 0.5 = 6.3531
     assert (g.pretrain_size, g.intermediate, g.finetune_size, g.n, g.method) == (200, "none", 10, 2, "paired")
     assert (g["diff"], g.lo, g.hi) == pytest.approx((10.5, 10.5 - H1, 10.5 + H1))
-    assert gain_table(SMALL, "miou", pivot=True).loc["200", 10] == "+10.50 [+4.15, +16.85] (2)"
+    assert gain_table(SMALL, "miou", pivot=True).loc["mim 200", 10] == "+10.50 [+4.15, +16.85] (2)"
 
 
 def test_intermediate_change_is_with_minus_without():
@@ -95,7 +96,7 @@ def test_one_seed_gives_a_difference_but_no_interval():
     one = runs({(0, False, 10): [40], (200, False, 10): [50]})
     g = gain_table(one, "miou").iloc[0]
     assert g["diff"] == 10 and g.n == 1 and pd.isna(g.lo) and pd.isna(g.hi)
-    assert gain_table(one, "miou", pivot=True).loc["200", 10] == "+10.00 (1)"
+    assert gain_table(one, "miou", pivot=True).loc["mim 200", 10] == "+10.00 (1)"
 
 
 def test_intermediate_arms_old_booleans_and_names():
@@ -107,11 +108,11 @@ def test_intermediate_arms_old_booleans_and_names():
         "spatial",
     ]
     assert [arm_label(p, a) for p, a in [(0, "none"), (32, False), (32, "intel"), (32, True), (32, "spatial")]] == [
-        "none",
-        "32",
-        "32 + intermediate",
-        "32 + intermediate",
-        "32 + spatial",
+        "scratch",
+        "mim 32",
+        "mim 32 + intel",
+        "mim 32 + intel",
+        "mim 32 + spatial",
     ]
     named = runs(
         {
@@ -121,12 +122,12 @@ def test_intermediate_arms_old_booleans_and_names():
             (200, "spatial", 10): [52, 56],
         }
     )
-    assert list(paper_table(named, "miou").index) == ["none", "200", "200 + intermediate", "200 + spatial"]
+    assert list(paper_table(named, "miou").index) == ["scratch", "mim 200", "mim 200 + intel", "mim 200 + spatial"]
     t = intermediate_table(named, "miou")
     assert list(t.intermediate) == ["intel", "spatial"]
     # spatial: per seed 52-50 = 2, 56-53 = 3 -> +2.5, half width 12.7062 * 0.5
     assert tuple(t.iloc[1][["diff", "lo", "hi"]]) == pytest.approx((2.5, 2.5 - H1, 2.5 + H1))
-    assert list(intermediate_table(named, "miou", pivot=True).index) == ["200 + intermediate", "200 + spatial"]
+    assert list(intermediate_table(named, "miou", pivot=True).index) == ["mim 200 + intel", "mim 200 + spatial"]
 
 
 def test_t_quantiles():
@@ -160,7 +161,7 @@ def test_paper_frame_reproduces_the_papers_tables():
     assert pf.loc[("pixel_acc", 200000, "intel", 6000), "mean"] == 87.18
     assert pf.loc[("pixel_acc", 200000, "intel", 6000), "std"] == 0.14
     assert tuple(pf.loc[("miou", 45000, "intel", 2000), ["mean", "std"]]) == (59.38, 0.88)
-    assert paper_table(paper_frame(), "miou").loc["none", 250] == "43.73 +- 1.02"
+    assert paper_table(paper_frame(), "miou").loc["scratch", 250] == "43.73 +- 1.02"
 
 
 def _paper_plus_one(metric: str) -> pd.DataFrame:
@@ -381,9 +382,13 @@ def test_format_tables_still_prints_every_metric():
 def test_scaling_curves_overlay_the_paper():
     fig = plots.scaling_curves(grid_runs(HELPS), "miou", paper=paper_frame())
     names = [t.name for t in fig.data]
-    assert names[:5] == ["none", "100", "200", "100 + intermediate", "200 + intermediate"]
-    paper = {t.name: t.visible for t in fig.data[5:]}
-    assert len(paper) == 7 and paper["paper: none"] is True and paper["paper: 200000"] == "legendonly"
+    assert names[:5] == ["scratch", "mim 100", "mim 200", "mim 100 + intel", "mim 200 + intel"]
+    paper = [t for t in fig.data[5:]]
+    assert len(paper) == 7 and {t.xaxis for t in paper} == {"x2"} and {t.xaxis for t in fig.data[:5]} == {"x"}
+    assert paper[0].name == "paper: scratch" and list(paper[0].x) == [250, 500, 1000, 2000, 4000, 6000]
+    assert fig.layout.yaxis2.matches == "y"  # one y axis: the study's and the paper's values compare directly
+    colours = {t.name: t.line.color for t in fig.data}
+    assert colours["mim 200 + intel"] == colours["paper: mim 200000 + intel"] != colours["mim 200"]
     assert len(plots.scaling_curves(grid_runs(HELPS), "miou_dataset", paper=paper_frame()).data) == 5
     assert len(plots.scaling_curves(SMALL.iloc[:0], "miou").data) == 0
 
@@ -394,4 +399,11 @@ def test_intermediate_heatmap_and_explorer():
     assert len(plots.intermediate_heatmap(intermediate_table(SMALL.iloc[:0], "miou")).data) == 0
     assert type(widgets.explore(SMALL.iloc[:0])).__name__ == "HTML"
     box = widgets.explore(grid_runs(HELPS))
-    assert type(box).__name__ == "VBox"
+    assert isinstance(box, ipywidgets.VBox) and "run the notebook in JupyterLab" in repr(box)  # kernel-less view
+    box.children[0].children[0].value = "pixel_acc"  # redraws (the browser test sees the figure change)
+
+
+def test_claims_are_shown_whole():
+    claim = "x" * 300  # pandas cuts cells at 50 characters with '...'
+    html = widgets.full_text(pd.DataFrame({"claim": [claim], "verdict": ["supported"]})).to_html()
+    assert claim in html and "..." not in html

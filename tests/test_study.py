@@ -55,7 +55,7 @@ def test_results_table_has_the_papers_layout(smoke_store):
     assert len(df) == 4
     assert ((df.miou > 0) & (df.miou <= 100) & (df.pixel_acc > df.miou / 3)).all()
     table = paper_table(df, "miou")
-    assert list(table.index) == ["none", "32", "32 + intermediate", "32 + spatial"]
+    assert list(table.index) == ["scratch", "mim 32", "mim 32 + intel", "mim 32 + spatial"]
     assert list(table.columns) == [16]
     assert "+-" in table.iloc[0, 0]
 

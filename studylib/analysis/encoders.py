@@ -24,7 +24,7 @@ import torch
 
 from studylib.analysis.geometry import GeometrySettings, geometry_report
 from studylib.analysis.reference import PAPER_GEOMETRY_LABEL, PAPER_NAMES, PAPER_TABLE2
-from studylib.analysis.vocabulary import encoder_name
+from studylib.analysis.vocabulary import encoder_name, layer_name
 from studylib.core import augment as A
 from studylib.core.files import atomic_write_json, read_json
 from studylib.core.model import build_encoder, load_encoder
@@ -80,8 +80,8 @@ def _segment_settings(plan: list[Run]):
     return seg, build(SegmentConfig, seg.params["settings"], "segment")
 
 
-def geometry_images(plan: list[Run], n: int):
-    """The first n images (and trimaps) of the study's segmentation test split."""
+def geometry_images(plan: list[Run], n: int | None):
+    """The first n images (and trimaps) of the study's segmentation test split (None: all of them)."""
     seg, s = _segment_settings(plan)
     size = build_encoder(seg.params["model"]).cfg.img_size
     _, test = segmentation_split(resolve_data(seg.params["data"]), s, 0, 0, size)
@@ -148,6 +148,17 @@ def geometry_data(plan: list[Run], settings: GeometrySettings) -> dict:
         "probe": probe,
     }
     return {"images": images, "masks": masks, "probe_sets": probe_sets, "description": description}
+
+
+def reference_image(plan: list[Run], report: dict):
+    """The image a report's reference maps were measured on, as uint8 [H, W, 3] (numpy), drawn as the
+    report's protocol drew it (clean: the test split; paper: trainval with its transforms)."""
+    ref = report["per_layer"][-1]["reference"]["image"]
+    settings = GeometrySettings.for_protocol(report_protocol(report), num_images=ref + 1, probe_data="split")
+    x = geometry_data(plan, settings)["images"][ref]
+    if x.dtype != torch.uint8:  # transformed images are floats in [0, 1]
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(1, 2, 0).numpy()
 
 
 def _measure(encoder, data: dict, settings: GeometrySettings, device: str) -> dict:
@@ -260,7 +271,7 @@ def by_layer(reports_: list[dict]) -> pd.DataFrame:
     """The Table 2 columns at every layer, mean over seeds and sizes per encoder kind: how the geometry
     develops through depth (the paper measures only the output)."""
     layers = sorted({r["layer"] for rep in reports_ for r in rep["per_layer"]}, key=lambda k: (k < 0, k))
-    frames = [frame(reports_, k).assign(layer=k) for k in layers]
+    frames = [frame(reports_, k).assign(layer=layer_name(k)) for k in layers]
     df = pd.concat(frames) if frames else pd.DataFrame()
     if df.empty:
         return df
@@ -311,7 +322,8 @@ def token_umap(
     T = patch_tokens(encoder, images, [layer])[layer]  # [N, P, D]
     N, P, D = T.shape
     g = encoder.cfg.grid
-    xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(T.reshape(-1, D).numpy())
+    # n_jobs=1: a seeded UMAP runs on one thread anyway, and saying so avoids umap's warning
+    xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(T.reshape(-1, D).numpy())
     cls = patch_labels(masks, g).reshape(-1)
     idx = torch.arange(N * P)
     return pd.DataFrame(

@@ -40,12 +40,13 @@ def intermediate_arm(value) -> str:
 
 
 def arm_label(pretrain_size: int, intermediate) -> str:
-    """The paper's row names: 'none', '45000', '45000 + intermediate' (the paper's Intel stage), and
-    '45000 + spatial' etc. for the other intermediate arms."""
+    """A row of the paper's tables in the study's one vocabulary (the encoder's name, `encoder_name`, with
+    its pre-training size): 'scratch', 'mim 45000', 'mim 45000 + intel' (the paper's '45000 +
+    intermediate'), 'mim 45000 + spatial'; an intermediate arm without pre-training: 'scratch + <arm>'."""
     arm = intermediate_arm(intermediate)
     if not pretrain_size:
-        return "none" if arm == "none" else f"0 + {arm}"
-    return f"{pretrain_size}" + {"none": "", PAPER_ARM: " + intermediate"}.get(arm, f" + {arm}")
+        return "scratch" if arm == "none" else f"scratch + {arm}"
+    return f"mim {pretrain_size}" + ("" if arm == "none" else f" + {arm}")
 
 
 def encoder_name(pretrain_size: int, arm) -> str:
@@ -56,6 +57,11 @@ def encoder_name(pretrain_size: int, arm) -> str:
         return "scratch"
     arm = intermediate_arm(arm)
     return "mim" if arm == "none" else f"mim + {arm}"
+
+
+def layer_name(layer: int) -> str:
+    """A layer as the widgets and tables name it: 'output' (the final normed tokens) or 'block k'."""
+    return "output" if int(layer) == -1 else f"block {int(layer)}"
 
 
 def arm_rank(arm: str) -> tuple:

@@ -9,7 +9,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from studylib.analysis.reference import PAPER_NAMES
-from studylib.analysis.vocabulary import METRICS, arm_label, arm_rank
+from studylib.analysis.vocabulary import METRICS, arm_label, arm_rank, encoder_name, layer_name
 from studylib.core.augment import IMAGENET_MEAN, IMAGENET_STD
 from studylib.core.model import patchify, unpatchify
 
@@ -26,17 +26,64 @@ def _to_uint8(x: torch.Tensor, normalized: bool) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def _grid(rows: list[list[np.ndarray]], col_titles: list[str], height_per_row: int = 150) -> go.Figure:
-    fig = make_subplots(
-        rows=len(rows), cols=len(col_titles), column_titles=col_titles, horizontal_spacing=0.01, vertical_spacing=0.01
+TITLE_LINE = 16  # px per line of a 12 px panel title
+
+
+def _lines(title: str) -> int:
+    return title.count("<br>") + 1 if title else 0
+
+
+def _grid(
+    rows: list[list[np.ndarray]],
+    col_titles: list[str] | None = None,
+    panel: int = 150,
+    titles: list[list[str]] | None = None,
+    legend: dict | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Images in a grid of square panels `panel` px wide, placed in pixels so that every title fits and
+    the panels keep their size however many there are. `col_titles`: one per column, above the first
+    row; `titles`: one per panel ('<br>' breaks a line) above it; `legend`: {name: rgb} swatches under
+    the grid. Built as one layout (not make_subplots) so that a redraw takes milliseconds."""
+    n_cols = max(len(r) for r in rows)
+    titles = titles or [list(col_titles or [])] + [[] for _ in rows[1:]]
+    gap_x, gap_y = 12, 10 + TITLE_LINE * max([_lines(t) for row in titles[1:] for t in row] or [0])
+    # the top margin keeps the first titles clear of plotly's mode bar
+    top = 30 + TITLE_LINE * max([_lines(t) for t in titles[0]] or [0]) + (30 if title else 0)
+    bottom = 10 + (30 if legend else 0)
+    width = max(n_cols * panel + (n_cols - 1) * gap_x, 420 if legend else 0)
+    height = len(rows) * panel + (len(rows) - 1) * gap_y
+    layout, data, notes = {}, [], []
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            k = "" if r == c == 0 else str(r * n_cols + c + 1)  # plotly names the first axes x, y
+            left, high = c * (panel + gap_x), height - r * (panel + gap_y)  # px: the domains come out exact
+            x, y = [left / width, (left + panel) / width], [(high - panel) / height, high / height]
+            layout[f"xaxis{k}"] = dict(domain=x, anchor=f"y{k}", visible=False)
+            layout[f"yaxis{k}"] = dict(domain=y, anchor=f"x{k}", visible=False)
+            data.append(go.Image(z=img, xaxis=f"x{k}", yaxis=f"y{k}", hoverinfo="skip"))
+            if c < len(titles[r]) and titles[r][c]:
+                notes.append(
+                    dict(text=titles[r][c], x=sum(x) / 2, y=y[1], xanchor="center", yanchor="bottom", font_size=12)
+                )
+    for name, rgb in (legend or {}).items():  # markers that draw nothing: the legend's colour swatches
+        colour = f"rgb{tuple(int(v) for v in rgb)}"
+        swatch = dict(symbol="square", size=13, color=colour, line=dict(color="#888", width=1))
+        data.append(go.Scatter(x=[None], y=[None], mode="markers", marker=swatch, name=name))
+    return go.Figure(
+        data,
+        dict(
+            layout,
+            annotations=[dict(n, xref="paper", yref="paper", showarrow=False) for n in notes],
+            title=dict(text=title, x=0, xanchor="left", font_size=14) if title else None,
+            width=width + 20,
+            height=height + top + bottom,
+            margin=dict(l=10, r=10, t=top, b=bottom),
+            showlegend=bool(legend),
+            legend=dict(orientation="h", x=0, y=0, yanchor="top", itemclick=False, itemdoubleclick=False),
+            plot_bgcolor="white",
+        ),
     )
-    for r, row in enumerate(rows, 1):
-        for c, img in enumerate(row, 1):
-            fig.add_trace(go.Image(z=img), row=r, col=c)
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    fig.update_layout(height=height_per_row * len(rows) + 60, margin=dict(l=5, r=5, t=40, b=5))
-    return fig
 
 
 def reconstructions(examples: dict, n: int = 4) -> go.Figure:
@@ -78,87 +125,140 @@ def confusion(examples: dict) -> go.Figure:
 
 
 def colour_trimap(m: torch.Tensor) -> np.ndarray:
+    """[H, W] trimap classes -> [H, W, 3] uint8 in CLASS_COLOURS."""
     return CLASS_COLOURS[m.long().numpy()]
 
 
-def segmentations(examples: dict, n: int = 6) -> go.Figure:
-    """Test image, true trimap, prediction and its errors (white = wrong) for n images."""
-    rows = []
-    for img, true, pred in list(zip(examples["images"], examples["masks"], examples["pred"]))[:n]:
-        err = np.repeat(((pred != true.long()).numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
-        rows.append([_to_uint8(img, False), colour_trimap(true), colour_trimap(pred), err])
-    return _grid(rows, ["image", "trimap", "prediction", "errors"])
+def error_map(pred: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    """[H, W, 3] uint8: white where the prediction is wrong, black where it is right."""
+    return np.repeat(((pred != true.long()).numpy()[..., None] * 255).astype(np.uint8), 3, axis=2)
+
+
+# the trimap colours and the error maps' white, for the legend of every segmentation picture
+TRIMAP_LEGEND = {**dict(zip(("pet", "background", "boundary"), CLASS_COLOURS)), "wrong pixel (error maps)": (255,) * 3}
+
+
+def wrap(name: str, width: int = 20) -> str:
+    """A file name broken after a '_' into lines of at most about `width` characters ('<br>' between)."""
+    parts = name.split("_")
+    lines = [""]
+    for piece in [p + "_" for p in parts[:-1]] + parts[-1:]:
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "<br>".join(lines)
+
+
+def segmentations(examples: dict, n: int = 6, title: str | None = None) -> go.Figure:
+    """Per row one test image: the image, its true trimap, the prediction with this image's mIoU (the
+    paper's per-image rule) and the prediction's errors (white = wrong pixel)."""
+    from studylib.core.metrics import paper_miou
+
+    rows, titles = [], []
+    names = examples.get("names") or [f"test image {i}" for i in range(len(examples["images"]))]
+    for img, true, pred, name in list(zip(examples["images"], examples["masks"], examples["pred"], names))[:n]:
+        miou = 100 * paper_miou(pred, true.long(), len(CLASS_COLOURS))
+        wrong = 100 * float((pred != true.long()).double().mean())
+        rows.append([_to_uint8(img, False), colour_trimap(true), colour_trimap(pred), error_map(pred, true)])
+        titles.append(
+            [wrap(name), "true trimap", f"prediction<br>this image: mIoU {miou:.1f}%", f"errors: {wrong:.1f}%"]
+        )
+    return _grid(rows, titles=titles, legend=TRIMAP_LEGEND, title=title)
+
+
+def _epoch_step(n: int) -> int:
+    """Tick spacing that puts at most about ten integer ticks on n epochs."""
+    return next(s for s in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000, n) if n / s <= 10)
 
 
 def training_curve(history: list[dict], title: str = "training loss") -> go.Figure:
-    fig = go.Figure(go.Scatter(x=[h["epoch"] for h in history], y=[h["loss"] for h in history], mode="lines+markers"))
-    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss", height=300)
+    """Loss per epoch: a marker per epoch on an integer epoch axis, so a short run reads as its epochs."""
+    epochs = [h["epoch"] for h in history]
+    fig = go.Figure(
+        go.Scatter(
+            x=epochs,
+            y=[h["loss"] for h in history],
+            mode="lines+markers",
+            marker=dict(size=8),
+            hovertemplate="epoch %{x}: loss %{y:.4g}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title="epoch", tickmode="linear", tick0=0, dtick=_epoch_step(max(epochs, default=1)))
+    if 0 < len(epochs) <= 3:  # pad the axis: plotly would stretch two points across the whole width
+        fig.update_xaxes(range=[min(epochs) - 0.5, max(epochs) + 0.5])
+    fig.update_layout(title=title, yaxis_title="loss", height=300)
     return fig
 
 
-def _arm_colours(sizes) -> dict:
-    """A fixed colour per pre-training size (sorted), shared by the study's and the paper's curves."""
-    from plotly.colors import qualitative
+# the study's one arm vocabulary (vocabulary.encoder_name) gets one colour everywhere
+ARM_COLOURS = {
+    "scratch": "#7f7f7f",
+    "mim": "#1f77b4",
+    "mim + intel": "#d62728",
+    "mim + pets-breeds": "#9467bd",
+    "mim + spatial": "#2ca02c",
+}
+_SIZE_DASH = ("solid", "dash", "dot", "dashdot")  # largest pre-training size first
 
-    return {p: qualitative.Plotly[k % len(qualitative.Plotly)] for k, p in enumerate(sorted(set(sizes)))}
+
+def arm_colour(encoder: str) -> str:
+    return ARM_COLOURS.get(encoder, "#8c564b")
 
 
-_ARM_DASH = {"none": "solid", "intel": "dash", "pets-breeds": "longdash", "spatial": "dashdot"}
+def _curve_traces(s: pd.DataFrame, legend: str, group: str) -> list[go.Scatter]:
+    """One line per arm of a summary frame (tables.summary or the paper's): colour = the encoder
+    (vocabulary.encoder_name), dash = the pre-training size's rank (solid = the largest)."""
+    sizes = sorted({p for p in s.pretrain_size if p}, reverse=True)
+    keys = sorted({(p, i) for p, i in zip(s.pretrain_size, s.intermediate)}, key=lambda k: (arm_rank(k[1]), k[0]))
+    traces = []
+    for p, inter in keys:
+        sub = s[(s.pretrain_size == p) & (s.intermediate == inter)].sort_values("finetune_size")
+        dash = _SIZE_DASH[min(sizes.index(p), len(_SIZE_DASH) - 1)] if p else "solid"
+        traces.append(
+            go.Scatter(
+                x=sub.finetune_size,
+                y=sub["mean"],
+                error_y=dict(type="data", array=sub["std"], thickness=1),
+                mode="lines+markers",
+                name=arm_label(p, inter),
+                legend=legend,
+                legendgroup=group,
+                line=dict(color=arm_colour(encoder_name(p, inter)), dash=dash),
+            )
+        )
+    return traces
 
 
 def scaling_curves(
     df: pd.DataFrame, metric: str = "miou", paper: pd.DataFrame | None = None, label: str | None = None
 ) -> go.Figure:
-    """The study's main picture: metric against fine-tune size (log axis), one line per arm (dashed:
-    the paper's intermediate stage, dash-dotted: spatial, long dashes: pets-breeds), error bars = std
-    over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, its curves are
-    overlaid dotted in the arm's colour, error bars = the paper's std; paper arms the study lacks start
-    hidden (click the legend to show them)."""
+    """The study's main picture: metric against labelled fine-tune images (log axis), one line per arm
+    (colour = encoder: scratch, mim, mim + intel, ...; dash = pre-training size, solid the largest),
+    error bars = std over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, the
+    paper's curves sit in a second panel on the same y axis: the demo's sizes (tens of images) and the
+    paper's (thousands) never overlap on one x axis, so each panel spans its own sizes."""
     from studylib.analysis.tables import summary  # the stage notebooks import plots: keep scipy out
 
     s = summary(df, metric)
     theirs = pd.DataFrame() if paper is None else paper[paper["metric"] == metric]
-    colours = _arm_colours(list(s.pretrain_size) + list(theirs.get("pretrain_size", [])))
-    fig = go.Figure()
-    for (p, inter), sub in s.groupby(["pretrain_size", "intermediate"], sort=False):
-        fig.add_trace(
-            go.Scatter(
-                x=sub.finetune_size,
-                y=sub["mean"],
-                error_y=dict(type="data", array=sub["std"]),
-                mode="lines+markers",
-                name=arm_label(p, inter),
-                legendgroup=arm_label(p, inter),
-                line=dict(color=colours[p], dash=_ARM_DASH.get(inter, "dashdot")),
-            )
-        )
-    ours = set(zip(s.pretrain_size, s.intermediate))
-    theirs = theirs.iloc[
-        sorted(range(len(theirs)), key=lambda k: (arm_rank(theirs.intermediate.iloc[k]), theirs.pretrain_size.iloc[k]))
-    ]
-    for (p, inter), sub in theirs.groupby(["pretrain_size", "intermediate"], sort=False) if len(theirs) else []:
-        sub = sub.sort_values("finetune_size")
-        fig.add_trace(
-            go.Scatter(
-                x=sub.finetune_size,
-                y=sub["mean"],
-                mode="lines+markers",
-                error_y=dict(type="data", array=sub["std"], thickness=1),
-                name=f"paper: {arm_label(p, inter)}",
-                legendgroup=arm_label(p, inter),
-                marker=dict(size=4),
-                opacity=0.7,
-                line=dict(color=colours[p], dash="dot", width=1.5),
-                visible=True if (p, inter) in ours or s.empty else "legendonly",
-            )
-        )
+    name = label or METRICS.get(metric, metric)
+    panels = ["this study", "the paper (ViNy, Table 1)"] if len(theirs) else ["this study"]
+    fig = make_subplots(rows=1, cols=len(panels), shared_yaxes=True, subplot_titles=panels, horizontal_spacing=0.05)
+    for t in _curve_traces(s, "legend", "this study"):
+        fig.add_trace(t, row=1, col=1)
+    for t in _curve_traces(theirs, "legend2", "paper") if len(theirs) else []:
+        fig.add_trace(t.update(name=f"paper: {t.name}"), row=1, col=2)
     if s.empty:
-        fig.add_annotation(text="no finished runs yet", xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
+        fig.add_annotation(text="no finished runs yet", xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False)
+    fig.update_xaxes(type="log", title_text="labelled fine-tune images")
+    fig.update_yaxes(title_text=name, col=1)
+    below = dict(orientation="h", yanchor="top", y=-0.22, xanchor="left")
     fig.update_layout(
-        xaxis_type="log",
-        xaxis_title="labelled fine-tune images",
-        yaxis_title=label or METRICS.get(metric, metric),
-        height=450,
+        title=f"{name} against the number of labelled images",
+        height=520,
+        margin=dict(b=150),
+        legend=dict(**below, x=0.0, title_text="this study"),
+        legend2=dict(**below, x=0.53, title_text="paper"),
     )
     return fig
 
@@ -251,56 +351,139 @@ def cosine_curves(reports: list[dict], layer: int = -1, paper: dict | None = Non
     return fig
 
 
-def reference_maps(report: dict, layer: int = -1) -> go.Figure:
+def _patch_box(grid: int, size: int, row: int, col: int) -> dict:
+    step = size / grid
+    return dict(x0=col * step - 0.5, x1=(col + 1) * step - 0.5, y0=row * step - 0.5, y1=(row + 1) * step - 0.5)
+
+
+def reference_maps(report: dict, layer: int = -1, image: np.ndarray | None = None) -> go.Figure:
     """Cosine similarity of a reference patch (background corner, pet interior, boundary) to every
-    patch of the same image."""
+    patch of the same image, beside that image (uint8 [H, W, 3], when given) with the reference patches
+    outlined; square cells, one shared colour bar."""
     row = next(r for r in report["per_layer"] if r["layer"] == layer)
-    maps = row["reference"]["maps"]
-    fig = make_subplots(rows=1, cols=max(1, len(maps)), subplot_titles=list(maps) or ["no reference patches"])
-    for c, grid in enumerate(maps.values(), 1):
+    maps, patches = row["reference"]["maps"], row["reference"].get("patches", {})
+    titles = (["the image"] if image is not None else []) + [f"similarity to the {n} patch" for n in maps]
+    fig = make_subplots(rows=1, cols=max(1, len(titles)), subplot_titles=titles or ["no reference patches"])
+    first = 1
+    if image is not None:
+        fig.add_trace(go.Image(z=image, hoverinfo="skip"), row=1, col=1)
+        for name, (r, c) in ((n, p) for n, p in patches.items() if p is not None and n in maps):
+            fig.add_shape(
+                type="rect", **_patch_box(len(maps[name]), image.shape[0], r, c), line_color="red", row=1, col=1
+            )
+        first = 2
+    for c, grid in enumerate(maps.values(), first):
         fig.add_trace(
-            go.Heatmap(z=grid, zmin=-1, zmax=1, colorscale="RdBu", reversescale=True, showscale=c == len(maps)),
+            go.Heatmap(
+                z=grid,
+                zmin=-1,
+                zmax=1,
+                colorscale="RdBu",
+                reversescale=True,
+                showscale=c == first,
+                colorbar=dict(title="cosine"),
+                hovertemplate="patch (%{y}, %{x}): %{z:.2f}<extra></extra>",
+            ),
             row=1,
             col=c,
         )
         fig.update_yaxes(autorange="reversed", row=1, col=c)
-    fig.update_layout(height=300, title=f"{report['encoder']['name']}: similarity to a reference patch")
+    for c in range(1, len(titles) + 1):  # square cells: each panel's y scaled to its own x
+        fig.update_yaxes(scaleanchor=f"x{'' if c == 1 else c}", showticklabels=False, row=1, col=c)
+        fig.update_xaxes(showticklabels=False, constrain="domain", row=1, col=c)
+    enc = report["encoder"]
+    size = f", pre-training {enc['pretrain_size']}" if enc.get("pretrain_size") else ""
+    fig.update_layout(
+        height=300,
+        width=260 * max(1, len(titles)),
+        title=f"{enc['name']}{size}: similarity to a reference patch ({layer_name(layer)})",
+    )
     return fig
 
 
 def cka_heatmap(report: dict) -> go.Figure:
     """Linear CKA (minibatch, unbiased) between the layers of one encoder."""
-    names = [("out" if n == "-1" else f"block {n}") for n in report["cka"]["names"]]
+    names = [layer_name(n) for n in report["cka"]["names"]]
     fig = go.Figure(
         go.Heatmap(
-            z=report["cka"]["matrix"], x=names, y=names, zmin=0, zmax=1, colorscale="Viridis", texttemplate="%{z:.2f}"
+            z=report["cka"]["matrix"],
+            x=names,
+            y=names,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            texttemplate="%{z:.2f}",
+            colorbar=dict(title="CKA"),
         )
     )
     fig.update_layout(
-        height=380, width=460, yaxis_autorange="reversed", title=f"{report['encoder']['name']}: CKA between layers"
+        height=380, width=480, yaxis_autorange="reversed", title=f"{report['encoder']['name']}: CKA between layers"
     )
     return fig
 
 
-def token_scatter(points: pd.DataFrame, colour: str = "class") -> go.Figure:
-    """A 2-D embedding of patch tokens (encoders.token_umap), coloured by trimap class, grid row or
-    column, or image; hovering a point names its image and patch."""
-    discrete = colour in ("class", "image")
-    fig = go.Figure()
-    groups = points.groupby(colour) if discrete else [(None, points)]
-    for key, sub in groups:
-        fig.add_trace(
+TOKEN_COLOURINGS = {  # colouring -> its colour bar / legend title
+    "class": "trimap class of the patch",
+    "row": "grid row (0 = top)",
+    "col": "grid column (0 = left)",
+    "image": "test image (index)",
+}
+
+
+def token_traces(points: pd.DataFrame, colour: str = "class") -> list[go.Scattergl]:
+    """The points of a patch-token embedding (encoders.token_umap) coloured one way: a trace per trimap
+    class (its legend), or one trace on a labelled colour bar (grid row, column or image). Hover names
+    the image and the patch."""
+    if colour not in TOKEN_COLOURINGS:
+        raise ValueError(f"unknown colouring {colour!r}; valid: {', '.join(TOKEN_COLOURINGS)}")
+    text = [f"{n}, patch ({r}, {c}), {k}" for n, r, c, k in zip(points.name, points.row, points.col, points["class"])]
+    points = points.assign(text=text)
+    if colour == "class":
+        return [
             go.Scattergl(
                 x=sub.x,
                 y=sub.y,
                 mode="markers",
-                name=str(key) if discrete else colour,
-                marker=dict(
-                    size=4, color=None if discrete else sub[colour], colorscale="Viridis", showscale=not discrete
-                ),
-                text=[f"{n}, patch ({r}, {c}), {k}" for n, r, c, k in zip(sub.name, sub.row, sub.col, sub["class"])],
+                name=str(k),
+                marker=dict(size=4, color=_CLASS_MARKERS.get(str(k), "#888")),
+                text=sub.text,
                 hoverinfo="text",
             )
+            for k, sub in points.groupby("class", sort=True)
+        ]
+    return [
+        go.Scattergl(
+            x=points.x,
+            y=points.y,
+            mode="markers",
+            name=colour,
+            showlegend=False,
+            marker=dict(
+                size=4,
+                color=points[colour],
+                colorscale="Turbo" if colour == "image" else "Viridis",
+                showscale=True,
+                colorbar=dict(title=TOKEN_COLOURINGS[colour]),
+            ),
+            text=points.text,
+            hoverinfo="text",
         )
-    fig.update_layout(height=480, xaxis_visible=False, yaxis_visible=False, legend_title=colour)
+    ]
+
+
+_CLASS_MARKERS = {"pet": "#e6782a", "background": "#283c6e", "boundary": "#b8a000"}
+
+
+def token_scatter(points: pd.DataFrame, colour: str = "class", title: str = "") -> go.Figure:
+    """A 2-D embedding of patch tokens (encoders.token_umap) coloured by trimap class, grid row or
+    column, or image; hovering a point names its image and patch."""
+    fig = go.Figure(token_traces(points, colour))
+    fig.update_layout(
+        height=500,
+        xaxis_visible=False,
+        yaxis_visible=False,
+        legend_title=TOKEN_COLOURINGS[colour],
+        title=title,
+        margin=dict(t=60),
+    )
     return fig

@@ -1,9 +1,10 @@
-"""JupyterLab widgets (ipywidgets): the results explorer, the patch-token explorer and the segmentation
-gallery's browser. ipywidgets and IPython are imported inside each function, so importing this module
+"""JupyterLab widgets (ipywidgets): the results explorer, the patch-token explorer (the gallery's browser is
+`views.gallery.browse`). ipywidgets and IPython are imported inside each function, so importing this module
 needs neither."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,19 +14,46 @@ from studylib.analysis.encoders import encoder_name_of, geometry_images, token_u
 from studylib.analysis.reference import paper_frame
 from studylib.analysis.render import NO_RUNS
 from studylib.analysis.tables import intermediate_table
-from studylib.analysis.vocabulary import METRICS, protocols, select
+from studylib.analysis.vocabulary import METRICS, layer_name, protocols, select
 from studylib.core.model import build_encoder, load_encoder
 from studylib.study.grid import Run
 from studylib.study.store import RunFolder
-from studylib.views.gallery import encoder_choices, figure
-from studylib.views.plots import intermediate_heatmap, scaling_curves, token_scatter
+from studylib.views.plots import TOKEN_COLOURINGS, intermediate_heatmap, scaling_curves, token_traces
+
+
+def _explorer_class():
+    import ipywidgets as W
+
+    class Explorer(W.VBox):
+        """A VBox whose plain-text form (what a notebook opened without a kernel shows in its place)
+        says what it is instead of printing the widget tree."""
+
+        def __repr__(self) -> str:
+            return "[interactive explorer: run the notebook in JupyterLab to use it; static figures follow]"
+
+    return Explorer
+
+
+def _explorer(children):
+    return _explorer_class()(children)
+
+
+def full_text(table: pd.DataFrame):
+    """A table shown whole: long cells wrap instead of being cut with '...' (pandas' 50-character
+    limit), text left-aligned, numbers as they are."""
+    return (
+        table.style.set_properties(**{"white-space": "pre-wrap", "text-align": "left", "vertical-align": "top"})
+        .set_table_styles([{"selector": "th", "props": [("text-align", "left")]}])
+        .hide(axis="index")
+    )
 
 
 def explore(df: pd.DataFrame, interactive: bool = True):
     """JupyterLab explorer of the results: dropdowns for metric and protocol redraw the scaling curves
-    (with the paper's overlaid), the intermediate-stage heatmap and the claims (finding c per intermediate
-    arm). Returns the widget box (an HTML note when there are no runs). With interactive=False (a batch
-    run, where no frontend would show a widget) it returns a note instead and builds no widget."""
+    (the paper's in a second panel on the same y axis), the intermediate-stage heatmap and the claims
+    (finding c per intermediate arm); each (protocol, metric) is computed once. Returns the widget box (an
+    HTML note when there are no runs). With interactive=False (a batch run, where no frontend would show a
+    widget) it returns a note instead and builds no widget."""
     if not interactive:
         from IPython.display import Markdown
 
@@ -40,89 +68,137 @@ def explore(df: pd.DataFrame, interactive: bool = True):
         return widgets.HTML(f"<i>{NO_RUNS}</i>")
     metric = widgets.Dropdown(options=[(v, k) for k, v in METRICS.items()], value="miou", description="metric")
     protocol = widgets.Dropdown(options=protocols(df), description="protocol")
-    out, paper = widgets.Output(), paper_frame()
+    out, paper, shown = widgets.Output(), paper_frame(), {}
+
+    def views(p: str, m: str) -> tuple:
+        if (p, m) not in shown:
+            sub = select(df, p)
+            shown[p, m] = (
+                scaling_curves(sub, m, paper=paper),
+                intermediate_heatmap(intermediate_table(sub, m)),
+                full_text(claims_display(claims_all_arms(sub, m))),
+            )
+        return shown[p, m]
 
     def draw(_=None):
-        sub = select(df, protocol.value)
         with out:
             out.clear_output(wait=True)
-            display(scaling_curves(sub, metric.value, paper=paper))
-            display(intermediate_heatmap(intermediate_table(sub, metric.value)))
-            display(claims_display(claims_all_arms(sub, metric.value)))
+            for view in views(protocol.value, metric.value):
+                display(view)
 
     metric.observe(draw, names="value")
     protocol.observe(draw, names="value")
     draw()
-    return widgets.VBox([widgets.HBox([metric, protocol]), out])
+    return _explorer([widgets.HBox([metric, protocol]), out])
+
+
+class TokenExplorer:
+    """The patch-token UMAP explorer (ipywidgets): encoder, layer, number of test images and colouring.
+
+    Why it answers fast: the UMAP of an (encoder, layer, images) choice is fitted once and kept, so going
+    back to an earlier choice is instant; a colouring change only restyles the traces of the same
+    FigureWidget; the images slider acts on release. A refit shows a busy line and disables the
+    controls until it is done."""
+
+    def __init__(self, runs: str | Path, plan: list[Run]):
+        import ipywidgets as W
+        import plotly.graph_objects as go
+
+        self.runs, self.plan = Path(runs).resolve(), plan
+        self.fits: dict[tuple, pd.DataFrame] = {}  # (run id, layer, images) -> token_umap points
+        self.images, self.masks = geometry_images(plan, None)  # the whole test split, decoded once
+        encoders = [r for r in plan if r.stage in ("pretrain", "intermediate") and RunFolder.of(r, self.runs).is_done]
+        n = len(self.images)
+        depth = build_encoder(plan[0].params["model"]).cfg.depth
+        wide = dict(style={"description_width": "initial"})
+        self.pick = {
+            "encoder": W.Dropdown(options=[(_encoder_label(r), r) for r in encoders], description="encoder", **wide),
+            "layer": W.Dropdown(options=[(layer_name(k), k) for k in [-1, *range(depth)]], description="layer", **wide),
+            "images": W.IntSlider(
+                value=min(32, n), min=min(4, n), max=n, step=1, description="images", continuous_update=False, **wide
+            ),
+            "colour": W.Dropdown(options=list(TOKEN_COLOURINGS), description="colour", **wide),
+        }
+        self.pick["encoder"].layout.width = "480px"
+        self.status = W.HTML()
+        self.figure = go.FigureWidget()
+        for key in ("encoder", "layer", "images"):
+            self.pick[key].observe(self.refit, names="value")
+        self.pick["colour"].observe(self.recolour, names="value")
+
+    def choice(self) -> tuple:
+        return (self.pick["encoder"].value, self.pick["layer"].value, self.pick["images"].value)
+
+    def points(self) -> pd.DataFrame:
+        """The UMAP of the current choice: from the cache, or fitted now (seconds) and cached."""
+        run, layer, n = self.choice()
+        key = (run.id, layer, n)
+        if key not in self.fits:
+            enc = load_encoder(run.dir(self.runs) / "encoder.safetensors")
+            names = [f"test image {i}" for i in range(n)]
+            self.fits[key] = token_umap(enc, self.images[:n], self.masks[:n], names, layer)
+        return self.fits[key]
+
+    def title(self) -> str:
+        run, layer, n = self.choice()
+        return f"{_encoder_label(run)}: {layer_name(layer)} patch tokens of {n} test images (UMAP)"
+
+    def refit(self, *_):
+        """The slow path: new points (cached after the first time), shown with a busy state."""
+        run, layer, n = self.choice()
+        cached = (run.id, layer, n) in self.fits
+        if not cached:
+            self._busy(f"fitting UMAP to {n} x {self.images.shape[-1] // 8}² tokens ... (seconds; kept for later)")
+        t0 = time.perf_counter()
+        try:
+            self.draw(self.points())
+        finally:
+            self._busy(None)
+        self.status.value = "" if cached else f"<small>UMAP fitted in {time.perf_counter() - t0:.1f} s</small>"
+
+    def recolour(self, *_):
+        """The fast path: the same points, other colours (no refit)."""
+        self.draw(self.points())
+
+    def draw(self, points: pd.DataFrame):
+        colour = self.pick["colour"].value
+        with self.figure.batch_update():
+            self.figure.data = []
+            self.figure.add_traces(token_traces(points, colour))
+            self.figure.update_layout(
+                title=self.title(),
+                legend_title=TOKEN_COLOURINGS[colour],
+                height=520,
+                xaxis_visible=False,
+                yaxis_visible=False,
+                margin=dict(t=60),
+            )
+
+    def _busy(self, message: str | None):
+        for w in self.pick.values():
+            w.disabled = message is not None
+        self.status.value = f"<b>{message}</b>" if message else ""
+
+    def widget(self):
+        import ipywidgets as W
+
+        self.refit()
+        p = self.pick
+        return _explorer(
+            [W.HBox([p["encoder"], p["layer"]]), W.HBox([p["images"], p["colour"]]), self.status, self.figure]
+        )
+
+
+def _encoder_label(run: Run) -> str:
+    """'mim + intel, pre-training 2000, seed 1': the encoder a run trained, whole."""
+    return f"{encoder_name_of(run)}, pre-training {run.labels['pretrain_size']}, seed {run.params['seed']}"
 
 
 def explore_tokens(runs: str | Path, plan: list[Run]):
     """ipywidgets: pick an encoder, a layer, how many test images and the colouring; shows the UMAP of
-    their patch tokens (hover: image and patch)."""
+    their patch tokens (hover: image and patch). See TokenExplorer."""
     import ipywidgets as W
-    from IPython.display import display
 
-    runs = Path(runs).resolve()
-    choices = [
-        (f"{encoder_name_of(r)}, pre-training {r.labels['pretrain_size']}, seed {r.params['seed']}", r)
-        for r in plan
-        if r.stage in ("pretrain", "intermediate") and RunFolder.of(r, runs).is_done
-    ]
-    if not choices:
+    if not any(r.stage in ("pretrain", "intermediate") and RunFolder.of(r, runs).is_done for r in plan):
         return W.HTML("<i>no finished encoders yet: run `make study`</i>")
-    depth = build_encoder(plan[0].params["model"]).cfg.depth
-    pick = {
-        "encoder": W.Dropdown(options=choices, description="encoder"),
-        "layer": W.Dropdown(options=[("output", -1)] + [(f"block {i}", i) for i in range(depth)], description="layer"),
-        "images": W.IntSlider(value=32, min=8, max=128, step=8, description="images"),
-        "colour": W.Dropdown(options=["class", "row", "col", "image"], description="colour"),
-    }
-    out = W.Output()
-
-    def draw(*_):
-        images, masks = geometry_images(plan, pick["images"].value)
-        enc = load_encoder(pick["encoder"].value.dir(runs) / "encoder.safetensors")
-        points = token_umap(enc, images, masks, [f"test image {i}" for i in range(len(images))], pick["layer"].value)
-        with out:
-            out.clear_output(wait=True)
-            display(token_scatter(points, pick["colour"].value))
-
-    for w in pick.values():
-        w.observe(draw, names="value")
-    draw()
-    return W.VBox([W.HBox([pick["encoder"], pick["layer"]]), W.HBox([pick["images"], pick["colour"]]), out])
-
-
-def browse(df: pd.DataFrame):
-    """ipywidgets: page through test images, pick encoders (vocabulary.encoder_name), pre-training size,
-    fine-tune size and seed."""
-    import ipywidgets as W
-
-    if df.empty:
-        return W.HTML("no finished segmentation runs yet: run `make study`")
-    arms = encoder_choices(df)
-    pick = {
-        "arms": W.SelectMultiple(options=arms, value=tuple(arms), description="arms"),
-        "pretrain_size": W.Dropdown(options=sorted(set(df.pretrain_size) - {0}) or [0], description="pre-train"),
-        "finetune_size": W.Dropdown(options=sorted(set(df.finetune_size)), description="fine-tune"),
-        "seed": W.Dropdown(options=sorted(set(df.seed)), description="seed"),
-        "index": W.IntSlider(min=0, max=15, value=0, description="test image"),
-    }
-    out = W.Output()
-
-    def draw(*_):
-        out.clear_output(wait=True)
-        with out:
-            figure(
-                df,
-                pick["index"].value,
-                list(pick["arms"].value),
-                pick["finetune_size"].value,
-                pick["seed"].value,
-                pick["pretrain_size"].value,
-            ).show()
-
-    for w in pick.values():
-        w.observe(draw, names="value")
-    draw()
-    return W.VBox([W.HBox(list(pick.values())[:2]), W.HBox(list(pick.values())[2:]), out])
+    return TokenExplorer(runs, plan).widget()
