@@ -178,6 +178,9 @@ def groups(runs: list[Run], size: int, spread: int = 1) -> list[Group]:
     return sorted(out, key=lambda g: STAGES.index(g.stage))
 
 
+INTEL_TRAIN_IMAGES = 14034  # the published seg_train (paper.md)
+
+
 def image_steps(run: Run) -> int:
     """Training images processed by a run: dataset size x epochs (the unit of the cost estimates)."""
     if run.params["settings"].get("from_encoder"):
@@ -193,5 +196,7 @@ def image_steps(run: Run) -> int:
         return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES) * epochs
     from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir
 
+    if not Path(data["intel"]).exists():  # a plan or an estimate before the data is there: the published size
+        return INTEL_TRAIN_IMAGES * epochs
     base = intel_split_dir(data["intel"], "train")
     return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in base.rglob("*")) * epochs
