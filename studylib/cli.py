@@ -140,6 +140,10 @@ def cmd_run(args) -> int:
         try:
             out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
             print(f"\nresults notebook: {out}")
+            print(
+                f"next: `study geometry {args.params}` measures the encoders' patch tokens, then "
+                f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} (make study does both)"
+            )
         except NotebookTimeout as e:
             print(
                 f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
