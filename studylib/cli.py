@@ -142,7 +142,8 @@ def cmd_run(args) -> int:
             print(f"\nresults notebook: {out}")
             print(
                 f"next: `study geometry {args.params}` measures the encoders' patch tokens, then "
-                f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} (make study does both)"
+                f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} "
+                "(make study does both)"
             )
         except NotebookTimeout as e:
             print(
