@@ -340,7 +340,7 @@ def test_render_text_and_markdown():
     assert "pre-training gain over no pre-training" in text and "supported" in text
     md = render(df, "markdown")
     assert "\n|---|---|---|---|\n" in md and "## protocol clean" in md
-    assert "| pre-training / fine-tune size | 10 | 20 | 40 |" in md
+    assert "| arm (encoder, pre-training images) / fine-tune size | 10 | 20 | 40 |" in md
 
 
 def test_render_csv_parses():

@@ -40,7 +40,7 @@ def paper_table(df: pd.DataFrame, metric: str = "miou", with_n: bool = False) ->
     ]
     order = list(dict.fromkeys(s["arm"]))  # summary's order
     table = s.pivot(index="arm", columns="finetune_size", values="cell").reindex(order)
-    table.columns.name, table.index.name = "fine-tune size", "pre-training"
+    table.columns.name, table.index.name = "fine-tune size", "arm (encoder, pre-training images)"
     return table.fillna("")
 
 
@@ -67,7 +67,7 @@ def diff_pivot(table: pd.DataFrame) -> pd.DataFrame:
     rows = [arm_label(p, a) for p, a in zip(table.pretrain_size, table.intermediate)]
     out = table.assign(cell=cell, row=rows).pivot(index="row", columns="finetune_size", values="cell")
     out = out.reindex(list(dict.fromkeys(rows)))
-    out.columns.name, out.index.name = "fine-tune size", "pre-training"
+    out.columns.name, out.index.name = "fine-tune size", "arm (encoder, pre-training images)"
     return out.fillna("")
 
 
