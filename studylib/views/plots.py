@@ -186,7 +186,7 @@ def training_curve(history: list[dict], title: str = "training loss") -> go.Figu
     fig.update_xaxes(title="epoch", tickmode="linear", tick0=0, dtick=_epoch_step(max(epochs, default=1)))
     if 0 < len(epochs) <= 3:  # pad the axis: plotly would stretch two points across the whole width
         fig.update_xaxes(range=[min(epochs) - 0.5, max(epochs) + 0.5])
-    fig.update_layout(title=title, yaxis_title="loss", height=300)
+    fig.update_layout(title=title, yaxis_title="loss", height=300, margin=dict(t=50, b=50))
     return fig
 
 

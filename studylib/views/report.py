@@ -88,7 +88,8 @@ def gallery_section(runs: Path, plan: list[Run], n: int = 3) -> list[str]:
     arms = gallery.encoder_choices(df)
     parts = [
         f"<h2>Gallery</h2><p>Test images with each arm's prediction ({size} labelled images, "
-        f"pre-training {pre}, seed {seed}; the number in brackets is the run's mIoU).</p>"
+        f"pre-training {pre}, seed {seed}; each prediction's title gives that image's own mIoU and pixel "
+        "accuracy; white in an error map = a wrong pixel).</p>"
     ]
     return parts + [_fig(gallery.figure(df, i, arms, size, seed, pre)) for i in range(n)]
 
