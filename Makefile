@@ -32,12 +32,12 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
 	$(BIN)/python -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider notebooks
 
-# the report test renders in headless Chromium; install Debian's package where we can (root + apt),
-# otherwise that one test skips and says why
+# the report and notebook browser tests drive headless Chromium; install Debian's package where we can (root + apt),
+# otherwise those tests skip and say why (Playwright drives this system Chromium: no browser download)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
-	  echo "chromium not installed: the browser test will skip"
+	  echo "chromium not installed: the browser tests will skip"
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

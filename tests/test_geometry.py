@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -389,3 +390,28 @@ def test_paper_constants():
     assert all(len(v) == 9 for v in reference.PAPER_COSINE.values())
     assert reference.PAPER_COSINE["SimMIM"][0] == 0.58 and reference.PAPER_COSINE["+spatial Pets"][-1] == 0.63
     assert reference.PAPER_COSINE["+CLS Pets"] == [0.57, 0.38, 0.30, 0.26, 0.24, 0.28, 0.29, 0.29, 0.32]
+
+
+def test_reference_maps_outline_their_patches_on_the_image():
+    from studylib.views import plots
+
+    grid = [[0.0] * 8 for _ in range(8)]
+    report = {
+        "encoder": {"name": "mim", "pretrain_size": 500},
+        "per_layer": [
+            {
+                "layer": -1,
+                "reference": {
+                    "image": 0,
+                    "patches": {"background": 0, "pet": 9, "boundary": None, "rules": {"pet": "interior"}},
+                    "maps": {"background": grid, "pet": grid},
+                },
+            }
+        ],
+    }
+    fig = plots.reference_maps(report, image=np.zeros((64, 64, 3), dtype=np.uint8))
+    assert [t.type for t in fig.data] == ["image", "heatmap", "heatmap"]
+    # flat index 9 on the 8x8 grid is row 1, column 1: pixels 8..15 of the 64 px image
+    boxes = [(s.x0, s.y0) for s in fig.layout.shapes]
+    assert boxes == [(-0.5, -0.5), (7.5, 7.5)]
+    assert "mim, pre-training 500" in fig.layout.title.text and "output" in fig.layout.title.text

@@ -367,7 +367,8 @@ def reference_maps(report: dict, layer: int = -1, image: np.ndarray | None = Non
     first = 1
     if image is not None:
         fig.add_trace(go.Image(z=image, hoverinfo="skip"), row=1, col=1)
-        for name, (r, c) in ((n, p) for n, p in patches.items() if p is not None and n in maps):
+        for name, index in ((n, p) for n, p in patches.items() if n in maps and isinstance(p, int)):
+            r, c = divmod(index, len(maps[name]))  # patches are flat indices on the grid, row-major
             fig.add_shape(
                 type="rect", **_patch_box(len(maps[name]), image.shape[0], r, c), line_color="red", row=1, col=1
             )
@@ -430,54 +431,46 @@ TOKEN_COLOURINGS = {  # colouring -> its colour bar / legend title
 }
 
 
-def token_traces(points: pd.DataFrame, colour: str = "class") -> list[go.Scattergl]:
-    """The points of a patch-token embedding (encoders.token_umap) coloured one way: a trace per trimap
-    class (its legend), or one trace on a labelled colour bar (grid row, column or image). Hover names
-    the image and the patch."""
+CLASS_MARKERS = {"pet": "#e6782a", "background": "#283c6e", "boundary": "#b8a000"}  # trimap class -> colour
+
+
+def token_marker(points: pd.DataFrame, colour: str = "class") -> dict:
+    """The marker of a patch-token embedding's points coloured one way: a colour per trimap class, or a
+    value on a labelled colour bar (grid row, column or image). A colouring is only a new marker: the
+    token explorer restyles its figure with it, the points stay."""
     if colour not in TOKEN_COLOURINGS:
         raise ValueError(f"unknown colouring {colour!r}; valid: {', '.join(TOKEN_COLOURINGS)}")
-    text = [f"{n}, patch ({r}, {c}), {k}" for n, r, c, k in zip(points.name, points.row, points.col, points["class"])]
-    points = points.assign(text=text)
     if colour == "class":
-        return [
-            go.Scattergl(
-                x=sub.x,
-                y=sub.y,
-                mode="markers",
-                name=str(k),
-                marker=dict(size=4, color=_CLASS_MARKERS.get(str(k), "#888")),
-                text=sub.text,
-                hoverinfo="text",
-            )
-            for k, sub in points.groupby("class", sort=True)
-        ]
-    return [
-        go.Scattergl(
-            x=points.x,
-            y=points.y,
-            mode="markers",
-            name=colour,
-            showlegend=False,
-            marker=dict(
-                size=4,
-                color=points[colour],
-                colorscale="Turbo" if colour == "image" else "Viridis",
-                showscale=True,
-                colorbar=dict(title=TOKEN_COLOURINGS[colour]),
-            ),
-            text=points.text,
-            hoverinfo="text",
-        )
+        return dict(size=4, color=[CLASS_MARKERS.get(str(k), "#888") for k in points["class"]], showscale=False)
+    return dict(
+        size=4,
+        color=points[colour].to_numpy(),
+        colorscale="Turbo" if colour == "image" else "Viridis",
+        showscale=True,
+        colorbar=dict(title=dict(text=TOKEN_COLOURINGS[colour])),
+    )
+
+
+def token_traces(points: pd.DataFrame, colour: str = "class") -> list[go.Scattergl]:
+    """The points of a patch-token embedding (encoders.token_umap) as one trace (hover: image and patch),
+    then one empty trace per trimap class that only draws the class legend (shown for the class colouring)."""
+    text = [f"{n}, patch ({r}, {c}), {k}" for n, r, c, k in zip(points.name, points.row, points.col, points["class"])]
+    main = go.Scattergl(
+        x=points.x, y=points.y, mode="markers", text=text, hoverinfo="text", showlegend=False, name="tokens"
+    )
+    keys = [
+        go.Scattergl(x=[None], y=[None], mode="markers", name=k, marker=dict(size=8, color=c), hoverinfo="skip")
+        for k, c in CLASS_MARKERS.items()
     ]
-
-
-_CLASS_MARKERS = {"pet": "#e6782a", "background": "#283c6e", "boundary": "#b8a000"}
+    return [main.update(marker=token_marker(points, colour)), *keys]
 
 
 def token_scatter(points: pd.DataFrame, colour: str = "class", title: str = "") -> go.Figure:
     """A 2-D embedding of patch tokens (encoders.token_umap) coloured by trimap class, grid row or
     column, or image; hovering a point names its image and patch."""
     fig = go.Figure(token_traces(points, colour))
+    for key in fig.data[1:]:  # the class legend, for the class colouring only
+        key.visible = colour == "class"
     fig.update_layout(
         height=500,
         xaxis_visible=False,

@@ -18,7 +18,7 @@ from studylib.analysis.vocabulary import METRICS, layer_name, protocols, select
 from studylib.core.model import build_encoder, load_encoder
 from studylib.study.grid import Run
 from studylib.study.store import RunFolder
-from studylib.views.plots import TOKEN_COLOURINGS, intermediate_heatmap, scaling_curves, token_traces
+from studylib.views.plots import TOKEN_COLOURINGS, intermediate_heatmap, scaling_curves, token_marker, token_traces
 
 
 def _explorer_class():
@@ -151,28 +151,33 @@ class TokenExplorer:
             self._busy(f"fitting UMAP to {n} x {self.images.shape[-1] // 8}² tokens ... (seconds; kept for later)")
         t0 = time.perf_counter()
         try:
-            self.draw(self.points())
+            points = self.points()
+            with self.figure.batch_update():
+                self.figure.data = []
+                self.figure.add_traces(token_traces(points, self.pick["colour"].value))
+                self._style()
         finally:
             self._busy(None)
         self.status.value = "" if cached else f"<small>UMAP fitted in {time.perf_counter() - t0:.1f} s</small>"
 
     def recolour(self, *_):
-        """The fast path: the same points, other colours (no refit)."""
-        self.draw(self.points())
-
-    def draw(self, points: pd.DataFrame):
-        colour = self.pick["colour"].value
+        """The fast path: the same points and traces, a new marker (no refit, no new traces)."""
         with self.figure.batch_update():
-            self.figure.data = []
-            self.figure.add_traces(token_traces(points, colour))
-            self.figure.update_layout(
-                title=self.title(),
-                legend_title=TOKEN_COLOURINGS[colour],
-                height=520,
-                xaxis_visible=False,
-                yaxis_visible=False,
-                margin=dict(t=60),
-            )
+            self.figure.data[0].marker = token_marker(self.points(), self.pick["colour"].value)
+            self._style()
+
+    def _style(self):
+        colour = self.pick["colour"].value
+        for key in self.figure.data[1:]:  # the class legend, for the class colouring only
+            key.visible = colour == "class"
+        self.figure.update_layout(
+            title=self.title(),
+            legend_title=TOKEN_COLOURINGS[colour] if colour == "class" else None,
+            height=520,
+            xaxis_visible=False,
+            yaxis_visible=False,
+            margin=dict(t=60),
+        )
 
     def _busy(self, message: str | None):
         for w in self.pick.values():
