@@ -47,7 +47,13 @@ def test_groups_hold_runs_of_one_shape_within_the_cap(tmp_path):
     # one group per pre-training size and per intermediate arm: the seeds differ, the shapes do not
     assert [len(g.runs) for g in grid.groups(plan, 8) if g.stage != "segment"] == [3, 3, 3]
     # two workers running sequential groups: each shape in at least two groups, so neither worker idles
-    assert [len(g.runs) for g in grid.groups(plan, 8, spread=2) if g.stage != "segment"] == [2, 1, 2, 1, 2, 1]
+    assert [len(g.runs) for g in grid.groups(plan, 8, spread=2) if g.stage != "segment"] == [2, 1, 2, 2, 1, 1]
+    # sequential groups hold at most max_steps image-steps; the most work starts first within a stage
+    big = next(r for r in seg if r.params["size"] == 16)
+    capped = [g for g in grid.groups(plan, 100, max_steps=2 * grid.image_steps(big)) if g.stage == "segment"]
+    work = [sum(grid.image_steps(r) for r in g.runs) for g in capped]
+    assert max(work) <= 2 * grid.image_steps(big) and work == sorted(work, reverse=True)
+    assert sorted(r.id for g in capped for r in g.runs) == sorted(r.id for r in seg)
     assert sorted(len(g.runs) for g in grid.groups(plan, 100, spread=2) if g.stage == "segment") == [6, 6, 6, 6]
 
 

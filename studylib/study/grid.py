@@ -164,18 +164,21 @@ def shape_key(run: Run) -> str:
     return json.dumps({"stage": run.stage, **{k: v for k, v in run.params.items() if k != "seed"}}, sort_keys=True)
 
 
-def groups(runs: list[Run], size: int, spread: int = 1) -> list[Group]:
-    """The runs in groups of equal shape, at most `size` each (split evenly), in plan order. With
-    spread = k a shape's runs form at least k groups where they can: members of a group run one after
-    another unless fused, so k workers stay busy (three long pre-trainings on two CPU workers: 2 + 1)."""
+def groups(runs: list[Run], size: int, spread: int = 1, max_steps: int = 0) -> list[Group]:
+    """The runs in groups of equal shape, at most `size` each (split evenly); in stage order, the most work
+    first within a stage (the longest groups start first, so they do not finish last). Members of a
+    sequential (not fused) group run one after another, so: with spread = k a shape's runs form at least k
+    groups where they can (k workers stay busy), and with max_steps a group holds at most that many
+    image-steps (a long run pays one kernel start either way; one worker must not get them all)."""
     by_key: dict[str, list[Run]] = {}
     for run in runs:
         by_key.setdefault(shape_key(run), []).append(run)
     out = []
     for members in by_key.values():
-        chunks = max(-(-len(members) // max(1, size)), min(len(members), spread))
+        per_group = max(1, min(size, max_steps // max(1, image_steps(members[0])))) if max_steps else max(1, size)
+        chunks = max(-(-len(members) // per_group), min(len(members), spread))
         out += [Group(members[0].stage, members[i::chunks]) for i in range(chunks)]
-    return sorted(out, key=lambda g: STAGES.index(g.stage))
+    return sorted(out, key=lambda g: (STAGES.index(g.stage), -sum(image_steps(r) for r in g.runs)))
 
 
 INTEL_TRAIN_IMAGES = 14034  # the published seg_train (paper.md)

@@ -216,14 +216,25 @@ def attempt(
     return status, message, seconds
 
 
+# A sequential group holds at most this many image-steps (about 2.5 min of viny-tiny on one CPU core):
+# a kernel start (~8 s) matters for short runs only, and one worker must not queue all the long ones.
+SEQUENTIAL_GROUP_STEPS = 30_000
+
+
 class _Book:
     """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked; prints a
     progress line per finished group with an estimate of the time left."""
 
-    def __init__(self, plan: list[Run], runs: Path, echo, group_size: int, spread: int = 1):
+    def __init__(self, plan: list[Run], runs: Path, echo, group_size: int, spread: int = 1, sequential=False):
         self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, runs).is_done])
         done = set(self.summary.done)
-        self.pending = [g for g in groups([r for r in plan if r.id not in done], group_size, spread) if g.runs]
+        self.pending = [
+            g
+            for g in groups(
+                [r for r in plan if r.id not in done], group_size, spread, SEQUENTIAL_GROUP_STEPS if sequential else 0
+            )
+            if g.runs
+        ]
         self.total = sum(len(g.runs) for g in self.pending)
         self.cost = {r.id: max(1, image_steps(r)) for g in self.pending for r in g.runs}
         self.finished, self.bad, self.echo = set(done), set(), echo
@@ -295,8 +306,8 @@ def execute(
     cache = cache or str(runs / "cache")
     eng = build(EngineConfig, engine or {}, "engine")
     # members of a sequential group share one worker: split each shape over the workers
-    spread = 1 if eng.fused(resolved_device(device)) or executor != "local" else workers
-    book = _Book(plan, runs, echo, eng.members(resolved_device(device)), spread)
+    sequential = not eng.fused(resolved_device(device)) and executor == "local"
+    book = _Book(plan, runs, echo, eng.members(resolved_device(device)), workers if sequential else 1, sequential)
     if executor == "local":
         _execute_local(book, runs, device, cache, workers, notebooks, timeouts, engine)
     elif executor in ("slurm", "submitit-local"):
