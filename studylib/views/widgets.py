@@ -109,7 +109,8 @@ class TokenExplorer:
         self.images, self.masks = geometry_images(plan, None)  # the whole test split, decoded once
         encoders = [r for r in plan if r.stage in ("pretrain", "intermediate") and RunFolder.of(r, self.runs).is_done]
         n = len(self.images)
-        depth = build_encoder(plan[0].params["model"]).cfg.depth
+        cfg = build_encoder(plan[0].params["model"]).cfg
+        depth, self.tokens_per_image = cfg.depth, cfg.grid**2
         wide = dict(style={"description_width": "initial"})
         self.pick = {
             "encoder": W.Dropdown(options=[(_encoder_label(r), r) for r in encoders], description="encoder", **wide),
@@ -148,7 +149,7 @@ class TokenExplorer:
         run, layer, n = self.choice()
         cached = (run.id, layer, n) in self.fits
         if not cached:
-            self._busy(f"fitting UMAP to {n} x {self.images.shape[-1] // 8}² tokens ... (seconds; kept for later)")
+            self._busy(f"fitting UMAP to {n * self.tokens_per_image} patch tokens ... (seconds; kept for later)")
         t0 = time.perf_counter()
         try:
             points = self.points()
