@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from studylib.study.config import IntermediateConfig, PretrainConfig, StudyConfig, file_sha256
+from studylib.study.config import EngineConfig, IntermediateConfig, PretrainConfig, StudyConfig, file_sha256
 
 STAGES = ("pretrain", "intermediate", "segment")
 NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.ipynb", "segment": "03_segment.ipynb"}
@@ -179,6 +179,24 @@ def groups(runs: list[Run], size: int, spread: int = 1, max_steps: int = 0) -> l
         chunks = max(-(-len(members) // per_group), min(len(members), spread))
         out += [Group(members[0].stage, members[i::chunks]) for i in range(chunks)]
     return sorted(out, key=lambda g: (STAGES.index(g.stage), -sum(image_steps(r) for r in g.runs)))
+
+
+# A sequential group holds at most this many image-steps (about 2.5 min of viny-tiny on one CPU core):
+# a kernel start (~8 s) matters for short runs only, and one worker must not queue all the long ones.
+SEQUENTIAL_GROUP_STEPS = 30_000
+
+
+def schedule(runs: list[Run], engine: EngineConfig, device: str, workers: int, executor: str = "local") -> list[Group]:
+    """The groups the runner executes `runs` in (and the estimate predicts): engine.group_size members (by
+    device) fused on a GPU; where members run one after another (not fused, local workers), each shape is
+    spread over the workers and a group holds at most SEQUENTIAL_GROUP_STEPS image-steps."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sequential = not engine.fused(device) and executor == "local"
+    spread, max_steps = (workers, SEQUENTIAL_GROUP_STEPS) if sequential else (1, 0)
+    return [g for g in groups(runs, engine.members(device), spread, max_steps) if g.runs]
 
 
 INTEL_TRAIN_IMAGES = 14034  # the published seg_train (paper.md)
