@@ -1,18 +1,20 @@
 """Expand a study's grid into a plan: a list of stage runs in dependency order.
 
-A run's id is a hash of its stage, its resolved parameters and its parent's id, so identical work
-gets the same id (an intermediate run is shared by every downstream run of its encoder and seed,
-and a finished run is never redone), while any change of a parameter or an ancestor makes a new id.
+A run's id is a hash of its stage, its identity parameters and its parent's id (studylib.study.identity
+says which settings enter it and how), so identical work gets the same id (an intermediate run is shared
+by every downstream run of its encoder and seed, and a finished run is never redone), while any change of
+a parameter, an ancestor or the stage's recipe makes a new id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from studylib.study.config import EngineConfig, IntermediateConfig, PretrainConfig, StudyConfig, file_sha256
+from studylib.study import identity
+from studylib.study.config import EngineConfig, PretrainConfig, StudyConfig, file_sha256
 
 STAGES = ("pretrain", "intermediate", "segment")
 NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.ipynb", "segment": "03_segment.ipynb"}
@@ -21,17 +23,18 @@ NOTEBOOKS = {"pretrain": "01_pretrain.ipynb", "intermediate": "02_intermediate.i
 @dataclass
 class Run:
     stage: str
-    params: dict  # what the stage notebook receives (besides run_dir, parent_dir, device)
+    params: dict  # the run's identity parameters: what its stage computes from (see studylib.study.identity)
     parent: Run | None = None
     labels: dict = field(default_factory=dict)  # where the run sits in the grid, for the tables
 
     @property
     def id(self) -> str:
-        blob = json.dumps(
-            {"stage": self.stage, "params": self.params, "parent": self.parent.id if self.parent else None},
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return identity.run_id(self.stage, self.params, self.parent.id if self.parent else None)
+
+    @property
+    def recipe(self) -> int:
+        """The version of the stage's code recipe this run is made with (identity.RECIPES)."""
+        return identity.RECIPES[self.stage]
 
     def dir(self, runs: str | Path) -> Path:
         return Path(runs) / self.stage / self.id
@@ -41,46 +44,19 @@ class Run:
         return f"{self.stage}/{self.id} ({', '.join(bits)})"
 
 
-def _data_identity(cfg: StudyConfig) -> dict:
-    """The data section without the cache location (which does not change results), with folders
-    made absolute: relative paths mean the directory `study` runs in, not the run folder."""
-    d = asdict(cfg.data)
-    d.pop("cache")
-    for key in ("root", "pets", "intel", "images"):
-        if d[key]:
-            d[key] = str(Path(d[key]).resolve())
-    return d
-
-
-# Settings added after studies had runs: left out of a run's parameters (so out of its id) while they hold
-# their default, so that existing run stores keep their ids; the stage reads the same default.
-_LATER_KEYS = {
-    "pretrain": {"from_encoder": "", "from_encoder_sha256": ""},
-    "intermediate": {"normalize": True, "arms": {}},
-}
-
-
-def _settings(stage: str, section) -> dict:
-    return {k: v for k, v in asdict(section).items() if _LATER_KEYS[stage].get(k, ...) != v}
-
-
 def _pretrain_settings(s: PretrainConfig) -> dict:
     """A pre-training run's settings; for an imported encoder (pretrain.from_encoder) only the file: its
     absolute path and its content's sha256, so a different file (or new content) makes a different run."""
     if not s.from_encoder:
-        return _settings("pretrain", s)
+        return identity.settings(s)
     path = Path(s.from_encoder).resolve()
     return {"from_encoder": str(path), "from_encoder_sha256": file_sha256(path)}
 
 
-def _intermediate_settings(s: IntermediateConfig) -> dict:
-    """An intermediate run's settings, from IntermediateConfig.for_arm: the arm's recipe applied, no `arms`."""
-    return _settings("intermediate", s)
-
-
 def plan(cfg: StudyConfig) -> list[Run]:
     """All runs of the grid, each once, parents before children."""
-    common = {"model": cfg.model, "data": _data_identity(cfg)}
+    common = {"model": cfg.model, "data": identity.data(cfg.data)}
+    segment = identity.settings(cfg.segment)
     runs: dict[str, Run] = {}
 
     def add(run: Run) -> Run:
@@ -105,13 +81,13 @@ def plan(cfg: StudyConfig) -> list[Run]:
                     parent = pre
                     if arm != "none":
                         inter = cfg.intermediate.for_arm(arm)
-                        params = {**common, "settings": _intermediate_settings(inter), "seed": seed, "arm": arm}
+                        params = {**common, "settings": identity.settings(inter), "seed": seed, "arm": arm}
                         if arm != "intel":  # Pets arms: the downstream split defines their images
                             params["pets_split"] = {
-                                k: asdict(cfg.segment)[k] for k in ("split", "test_size", "interpolation", "split_seed")
+                                k: segment[k] for k in ("split", "test_size", "interpolation", "split_seed")
                             }
                         if not inter.share:  # the authors' pipeline: one per downstream run
-                            params["downstream"] = {"finetune_size": f_size, "segment": asdict(cfg.segment)}
+                            params["downstream"] = {"finetune_size": f_size, "segment": segment}
                         parent = add(
                             Run(
                                 "intermediate",
@@ -123,7 +99,7 @@ def plan(cfg: StudyConfig) -> list[Run]:
                     add(
                         Run(
                             "segment",
-                            {**common, "settings": asdict(cfg.segment), "size": f_size, "seed": seed},
+                            {**common, "settings": segment, "size": f_size, "seed": seed},
                             parent=parent,
                             labels={
                                 "protocol": cfg.protocol,
@@ -200,24 +176,55 @@ def schedule(runs: list[Run], engine: EngineConfig, device: str, workers: int, e
 
 
 INTEL_TRAIN_IMAGES = 14034  # the published seg_train (paper.md)
+PETS_LISTS = {"trainval": 3680, "test": 3669}  # the published split lists (7,349 pooled; paper.md)
 
 
 def image_steps(run: Run) -> int:
-    """Training images processed by a run: dataset size x epochs (the unit of the cost estimates)."""
+    """Training images processed by a run: the images it trains on x epochs (the unit of the cost estimates).
+    An intermediate run trains on Intel (the intel arm) or on the Pets images outside the test split."""
     if run.params["settings"].get("from_encoder"):
         return 0  # an imported encoder: nothing is trained
     epochs = run.params["settings"]["epochs"]
     if run.stage != "intermediate":
         return run.params["size"] * epochs
-    data = run.params["data"]
+    if run.params["arm"] == "intel":
+        return intel_train_images(run.params["data"]) * epochs
+    split = run.params["pets_split"]
+    trainval, test = pets_list_sizes(run.params["data"])
+    if split["split"] == "official":
+        return trainval * epochs
+    return max(0, trainval + test - split["test_size"]) * epochs
+
+
+def intel_train_images(data: dict) -> int:
+    """Intel's training images: the synthetic spec's count, the folder's files, or (no folder yet) the published
+    count, so that a plan or an estimate works before the data is there."""
     if data["kind"] == "synthetic":
         from studylib.data.readers import INTEL_CLASSES
         from studylib.data.sources import synth_spec
 
-        return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES) * epochs
+        return synth_spec(data["synth"]).intel_train_per_class * len(INTEL_CLASSES)
     from studylib.data.readers import IMAGE_EXTENSIONS, intel_split_dir
 
-    if not Path(data["intel"]).exists():  # a plan or an estimate before the data is there: the published size
-        return INTEL_TRAIN_IMAGES * epochs
-    base = intel_split_dir(data["intel"], "train")
-    return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in base.rglob("*")) * epochs
+    if not Path(data["intel"]).exists():
+        return INTEL_TRAIN_IMAGES
+    return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in intel_split_dir(data["intel"], "train").rglob("*"))
+
+
+def pets_list_sizes(data: dict) -> tuple[int, int]:
+    """(trainval, test) image counts of the Pets lists: the synthetic spec's halves, the folder's list files,
+    or (no folder yet) the published sizes."""
+    if data["kind"] == "synthetic":
+        from studylib.data.sources import synth_spec
+        from studylib.data.synth import BREEDS
+
+        n = synth_spec(data["synth"]).pets
+        trainval = sum((i // len(BREEDS)) % 2 == 0 for i in range(n))  # the generator alternates per breed
+        return trainval, n - trainval
+    from studylib.data.readers import DataError, pets_root, read_pets_list
+
+    try:
+        root = pets_root(data["pets"])
+    except DataError:
+        return PETS_LISTS["trainval"], PETS_LISTS["test"]
+    return len(read_pets_list(root, "trainval")), len(read_pets_list(root, "test"))
