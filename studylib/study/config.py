@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,10 +264,15 @@ class EngineConfig:
         120.0  # a resumable checkpoint at most this often (and after the last epoch); 0: every epoch
     )
     deterministic: bool = False  # deterministic kernels: resume gives bit-identical results on a GPU too (slower)
+    # CPU threads per kernel; 0: the cores shared out over the workers (cores // workers). On a CPU the numbers
+    # depend on it (float summation order), so every run records what it got in provenance.json
+    threads: int = 0
+    threads_from_env: bool = False  # true: a shell's OMP_NUM_THREADS wins over `threads` (otherwise ignored)
 
     def __post_init__(self):
         check_types(self)
         at_least(self, "group_size", 0)
+        at_least(self, "threads", 0)
         for name in ("fuse", "compile", "cuda_graphs"):
             one_of(self, name, ("auto", "on", "off"))
         at_least(self, "checkpoint_seconds", 0)
@@ -286,6 +292,14 @@ class EngineConfig:
 
     def members(self, device) -> int:
         return self.group_size or (32 if _device_type(device) == "cuda" else 8)
+
+    def kernel_threads(self, workers: int, environ=None) -> int:
+        """The CPU threads each of `workers` concurrent kernels gets: `threads`, else the cores shared out;
+        a shell's OMP_NUM_THREADS only when `threads_from_env` says so."""
+        env = os.environ if environ is None else environ
+        if self.threads_from_env and env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+            return int(env["OMP_NUM_THREADS"])
+        return self.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def _device_type(device) -> str:
@@ -319,16 +333,8 @@ class StudyConfig:
         self._check_across()
 
     def _check_across(self) -> None:
-        """The checks that need more than one section."""
-        if self.data.kind == "real":
-            needed = (
-                ["pets"]
-                + (["images"] if any(self.grid.pretrain_sizes) and not self.pretrain.from_encoder else [])
-                + (["intel"] if "intel" in self.grid.intermediate else [])
-            )
-            for name in needed:
-                if not getattr(self.data, name):
-                    raise ParamError(f"data.{name}: required for data.kind=real with this grid (the dataset's folder)")
+        """The checks that need more than one section. The data folders are not among them: which ones a study
+        needs follows from its plan, so studylib.study.checks checks them against the plan (before it runs)."""
         from studylib.core.model import MODELS  # imports torch: only once a study is checked
 
         one_of(self, "model", MODELS)
