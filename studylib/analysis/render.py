@@ -47,6 +47,25 @@ def _seed_range(df: pd.DataFrame) -> str:
     return f"{n.min()}-{n.max()} seeds per cell" if n.min() != n.max() else f"{n.min()} seeds per cell"
 
 
+def machine_note(df: pd.DataFrame) -> str:
+    """The line under a table that says what machine its runs were made on (provenance.json), or a warning
+    naming each machine and its runs when they were made on more than one: CPU kernels (ISA), threads,
+    torch and GPU change numbers in the last digits."""
+    from pathlib import Path
+
+    from studylib.core.files import read_json
+    from studylib.study.provenance import describe
+
+    lines = [describe(read_json(Path(d) / "provenance.json", {}).get("machine")) for d in df.get("dir", [])]
+    counts = pd.Series(lines, dtype=object).value_counts()
+    if len(counts) == 0:
+        return ""
+    if len(counts) == 1:
+        return f"runs made on: {counts.index[0]}"
+    where = "; ".join(f"{n} runs on {line}" for line, n in counts.items())
+    return f"warning: these runs were made on {len(counts)} machines, whose numbers differ in the last digits: {where}"
+
+
 def sections(df: pd.DataFrame, metric: str) -> list[Section]:
     """The report on one protocol's runs for one metric: paper-layout table, pre-training gains,
     intermediate-stage changes, comparison with the paper, claims (finding c once per intermediate arm)
@@ -216,12 +235,14 @@ def render(df: pd.DataFrame, fmt: str = "text", metrics: tuple = ("miou", "pixel
                 else:
                     body = s.display.to_string(index=s.index)
                 parts.append(f"### {s.title}\n\n{body}" if fmt == "markdown" else f"{s.title}\n{body}")
+        parts.append(machine_note(sub))
     return "\n\n".join(parts) + "\n"
 
 
 def _json_report(df: pd.DataFrame, metrics: tuple) -> dict:
     """One protocol's report as JSON-ready dicts."""
-    out = {"runs": len(df), "seeds": _seed_range(df), "tables": {}, "claims": [], "paper_claims": []}
+    out = {"runs": len(df), "seeds": _seed_range(df), "machine": machine_note(df), "tables": {}, "claims": []}
+    out["paper_claims"] = []
     for m in metrics:
         tables = {}
         for s in sections(df, m):
@@ -247,4 +268,5 @@ def format_tables(df: pd.DataFrame) -> str:
                 f"{METRICS[metric]}, protocol {protocol}, mean +- std (runs) over {_seed_range(sub)}\n"
                 f"{paper_table(sub, metric, with_n=True).to_string()}"
             )
+        parts.append(machine_note(sub))
     return "\n\n".join(parts)

@@ -1,7 +1,15 @@
-"""What produced a run: code version, packages, machine, seed and wall time (provenance.json)."""
+"""What produced a run: code version, packages, machine, seed and wall time (provenance.json).
+
+The machine matters to the numbers: on a CPU the kernels torch picks for the instruction set (AVX2 and
+AVX512 give different demo tables) and the thread count (a different summation order) change results in
+the last digits, and so do the torch version and the GPU. `machine()` records what a run got; these are
+not part of a run's id (a store stays usable elsewhere), so a table that mixes machines says so
+(`describe` and `mixed`).
+"""
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -35,8 +43,65 @@ def versions() -> dict:
     return out
 
 
+# environment variables that change which CPU kernels torch and oneDNN run
+ISA_OVERRIDES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str) -> dict:
+    """What this process computes with: device, CPU kernel ISA and threads, CPU model, torch, GPU name."""
+    import torch
+
+    out = {
+        "device": str(device),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "gpu": None,
+        "overrides": {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ},
+    }
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def describe(m: dict | None) -> str:
+    """One line for a machine record, e.g. 'cpu, ISA AVX512, 1 thread, AMD EPYC 7B13, torch 2.14.1'."""
+    if not m:
+        return "unrecorded machine"
+    if m.get("gpu"):
+        head = f"{m['device']} ({m['gpu']})"
+    else:
+        threads = m.get("threads")
+        head = f"{m.get('device', 'cpu')}, ISA {m.get('isa')}, {threads} thread{'s' if threads != 1 else ''}"
+    extra = "".join(f", {k}={v}" for k, v in sorted((m.get("overrides") or {}).items()))
+    return f"{head}, {m.get('cpu')}, torch {m.get('torch')}{extra}"
+
+
+def mixed(records: list[dict | None]) -> list[str]:
+    """The distinct machine lines of a table's runs, most runs first; more than one means the table mixes
+    machines whose numbers can differ in the last digits."""
+    counts: dict[str, int] = {}
+    for m in records:
+        line = describe(m)
+        counts[line] = counts.get(line, 0) + 1
+    return sorted(counts, key=lambda k: -counts[k])
+
+
 def record(repo: Path, seed: int | None, device: str, started: float, ended: float) -> dict:
     return {
+        "machine": machine(device),
         "git": git_commit(repo),
         "packages": versions(),
         "python": platform.python_version(),
