@@ -214,7 +214,6 @@ def test_mask_unit_follows_the_model():
         ({"segment": {"milestones": [1.5]}}, "milestones"),
         ({"segment": {"split": "random"}}, "split"),
         ({"segment": {"interpolation": "area"}}, "interpolation"),
-        ({"data": {"kind": "real"}}, "data.pets"),
     ],
 )
 def test_cross_field_checks(values, word):
@@ -314,7 +313,6 @@ def test_a_constructor_converts_an_int_for_a_float():
         (lambda: StudyConfig(workers=0), "workers: must be at least 1"),
         (lambda: StudyConfig(protocol="papr"), "protocol: must be one of clean, paper"),
         (lambda: StudyConfig(model="vit-b"), "model: must be one of viny, viny-tiny, got 'vit-b'"),
-        (lambda: StudyConfig(data=DataConfig(kind="real")), "data.pets: required for data.kind=real"),
         (lambda: StudyConfig(pretrain=PretrainConfig(mask_unit=8)), "pretrain.mask_unit: 8 px must be a multiple"),
     ],
 )
@@ -330,10 +328,7 @@ def test_a_section_under_another_key_is_reported_under_that_key():
         build(SegmentConfig, {"test_size": 0}, "pets_split")
 
 
-def test_data_folders_follow_the_grid():
-    real = DataConfig(kind="real", pets="/p")
-    assert StudyConfig(data=real).data.pets == "/p"  # no pre-training, no intel arm: Pets alone
-    with pytest.raises(ParamError, match="data.images"):
-        StudyConfig(data=real, grid=GridConfig(pretrain_sizes=[0, 100]))
-    with pytest.raises(ParamError, match="data.intel"):
-        StudyConfig(data=real, grid=GridConfig(intermediate=["none", "intel"]))
+def test_loading_a_real_data_study_demands_no_folder():
+    # which folders a study needs follows from its plan: studylib.study.checks (tests/test_plan_checks.py)
+    grid = GridConfig(pretrain_sizes=[0, 100], intermediate=["none", "intel"])
+    assert StudyConfig(data=DataConfig(kind="real"), grid=grid).data.pets == ""

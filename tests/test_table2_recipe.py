@@ -118,11 +118,7 @@ def test_an_imported_encoder_is_checked_against_the_study(tmp_path):
     assert pinned.pretrain.from_encoder_sha256 == C.file_sha256(tiny)
     with pytest.raises(C.ParamError, match="pretrain.from_encoder_sha256: must be empty"):
         C.resolve({"pretrain": {"from_encoder_sha256": C.file_sha256(tiny)}})  # without a file
-    # a real-data study that imports its encoder needs no unlabeled images
-    real = {"kind": "real", "pets": "pets", "intel": "intel"}
-    C.resolve({"model": "viny-tiny", "data": real, "grid": grid_, "pretrain": {"from_encoder": tiny}})
-    with pytest.raises(C.ParamError, match="data.images: required"):
-        C.resolve({"model": "viny-tiny", "data": real, "grid": grid_})
+    # a real-data study that imports its encoder needs no unlabeled images: tests/test_plan_checks.py
 
 
 def test_the_table2_parameter_file_is_the_papers_recipe(tmp_path):
