@@ -4,8 +4,10 @@ A parameter file is YAML with the sections below. Every key is checked against t
 an unknown or ill-typed key is an error that lists the valid keys, so a typo never silently
 falls back to a default. Each section checks its own types and value ranges when it is made
 (see studylib.core.schema), so a stage given a plain dict of settings is as strict as a whole
-file; the checks that need the whole study (data folders for the grid, the model, the masking
-unit against the model's patch) are StudyConfig's.
+file; the checks that need the whole study (the model, the masking unit against the model's patch, an
+imported encoder) are StudyConfig's, and the data a plan needs (folders, sizes) is checked against the
+plan by studylib.study.checks before anything trains. Which settings enter a run's id, and how, is
+studylib.study.identity's rule.
 """
 
 from __future__ import annotations
