@@ -21,12 +21,12 @@ SMOKE = ROOT / "params" / "smoke.yaml"
 STOP_KERNEL = "import os, signal\nopen(pid_file, 'w').write(str(os.getpid()))\nos.kill(os.getpid(), signal.SIGSTOP)"
 
 
-def _stopping_notebook(path: Path, extra_parameters: str = "") -> Path:
+def _stopping_notebook(path: Path, extra_parameters: str = "", prelude: str = "") -> Path:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [
         nbformat.v4.new_code_cell("pid_file = ''\n" + extra_parameters, metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(STOP_KERNEL, metadata={"tags": ["training"]}),
+        nbformat.v4.new_code_cell(prelude + STOP_KERNEL, metadata={"tags": ["training"]}),
     ]
     nbformat.write(nb, path)
     return path
@@ -52,12 +52,14 @@ def test_a_hung_stage_run_is_recorded_failed_with_the_reason(tmp_path):
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     plan = [r for r in grid.plan(config.load(SMOKE)) if r.stage == "pretrain"]
-    params = runner.notebook_parameters(plan[0], tmp_path, "cpu", "")
+    params = runner.group_parameters(grid.Group("pretrain", plan[:1]), tmp_path, "cpu", {})
     declared = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-    _stopping_notebook(notebooks / grid.NOTEBOOKS["pretrain"], declared)
+    # as a stage notebook does, the stopping notebook reads its run's parameters from its params.json
+    prelude = "from studylib.study import stages\npid_file = stages.read_run_params(run_dirs[0])['pid_file']\n"
+    _stopping_notebook(notebooks / grid.NOTEBOOKS["pretrain"], declared, prelude)
     pid_file = tmp_path / "pid"
     run = grid.Run(plan[0].stage, {**plan[0].params}, labels=plan[0].labels)
-    # the stopping notebook reads pid_file from its parameters: route it through the run's params
+    # the stopping notebook reads pid_file from the run's params.json: route it through the run's params
     run.params["pid_file"] = str(pid_file)
     t0 = time.time()
     summary = runner.execute(

@@ -152,7 +152,8 @@ def test_study_run_executes_one_notebook_per_group(tmp_path):
     seg = [r for r in plan if r.stage == "segment"]
     (nb,) = {RunFolder.of(r, tmp_path / "runs").notebook for r in seg}
     params = json.loads(nb.read_text())["metadata"]["papermill"]["parameters"]
-    assert sorted(m["run_dir"] for m in params["members"]) == sorted(str(r.dir(tmp_path / "runs")) for r in seg)
+    assert sorted(params["run_dirs"]) == sorted(str(r.dir(tmp_path / "runs")) for r in seg)
+    assert set(params) == {"run_dirs", "device", "engine"}  # the settings live in each run's params.json only
     assert all((r.dir(tmp_path / "runs") / "provenance.json").exists() for r in plan)
     assert lines[-1].startswith(f"[{len(plan)}/{len(plan)} runs,") and "min left]" in lines[-1]
 

@@ -26,7 +26,7 @@ def _pip(*args: str, cwd: Path) -> None:
 @pytest.mark.slow
 def test_installed_package_runs_a_study_from_another_directory(tmp_path):
     src = tmp_path / "src"  # build from a copy: the build leaves nothing in the checkout
-    for name in ("studylib", "notebooks"):
+    for name in ("studylib", "notebooks", "params"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
@@ -37,6 +37,7 @@ def test_installed_package_runs_a_study_from_another_directory(tmp_path):
     assert sorted(p.name for p in (site / "studylib" / "notebooks").glob("*.ipynb")) == sorted(
         p.name for p in (ROOT / "notebooks").glob("*.ipynb")
     )
+    assert (site / "studylib" / "params" / "smoke.yaml").is_file()  # a stage notebook opened by hand runs it
 
     values = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
     values["grid"].update(pretrain_sizes=[0], intermediate=["none"], finetune_sizes=[8])

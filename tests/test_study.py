@@ -89,15 +89,14 @@ def test_results_notebook_never_hangs_in_batch(smoke_store):
 
 
 @pytest.mark.parametrize("stage", grid.STAGES)
-def test_notebook_defaults_are_the_smoke_settings(stage):
-    """Every key the runner injects exists in the notebook, and its default is the smoke value."""
-    nb = ROOT / "notebooks" / grid.NOTEBOOKS[stage]
-    declared = pm.inspect_notebook(str(nb))
+def test_notebook_parameters_hold_no_copy_of_a_setting(stage):
+    """A stage notebook declares what the runner injects (its runs' folders, device, engine) and the study it
+    runs when opened by hand: no setting, whose one home is the run's params.json."""
+    declared = pm.inspect_notebook(str(ROOT / "notebooks" / grid.NOTEBOOKS[stage]))
     run = next(r for r in grid.plan(config.load(SMOKE)) if r.stage == stage)
-    injected = runner.notebook_parameters(run, Path("/tmp/x"), "cpu", "")
-    assert set(injected) <= set(declared)
-    for key, value in run.params.items():
-        assert ast.literal_eval(declared[key]["default"]) == value, key
+    injected = runner.group_parameters(grid.Group(stage, [run]), Path("/tmp/x"), "cpu", {})
+    assert set(declared) == set(injected) | {"study"}
+    assert ast.literal_eval(declared["study"]["default"]) == "smoke"
 
 
 def test_failed_run_is_recorded_and_blocks_only_its_dependents(tmp_path):
@@ -172,11 +171,14 @@ def test_stage_notebook_rejects_an_out_of_range_setting_by_name(tmp_path):
     """A stage notebook run by papermill (or opened by hand) checks every setting where it is built."""
     run = next(r for r in grid.plan(config.load(SMOKE)) if r.stage == "pretrain")
     settings = {**run.params["settings"], "mask_ratio": 1.2}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    RunFolder(folder).write_record(run, {**run.params, "settings": settings, "run_dir": str(folder)})
     with pytest.raises(pm.PapermillExecutionError, match=r"pretrain\.mask_ratio: must be in \(0, 1\), got 1\.2"):
         pm.execute_notebook(
             str(ROOT / "notebooks" / "01_pretrain.ipynb"),
             str(tmp_path / "out.ipynb"),
-            parameters={"run_dir": str(tmp_path / "run"), "settings": settings, "device": "cpu"},
+            parameters={"run_dirs": [str(folder)], "device": "cpu"},
             kernel_name="python3",
             progress_bar=False,
             execution_timeout=300,

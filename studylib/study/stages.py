@@ -1,4 +1,5 @@
-"""The three stages of the study. Each stage notebook calls one function here.
+"""The three stages of the study: what each trains on, its batch and loss, and how it is evaluated.
+Each stage notebook calls one function here (`run_notebook`, from studylib.study.groups).
 
     pretrain(...)      masked image modelling on unlabeled images          -> encoder.safetensors
     intermediate(...)  CLS scene classification on Intel (optional)       -> encoder.safetensors
@@ -7,17 +8,13 @@
 A stage writes into its run folder: params.json, train_log.jsonl, a resumable checkpoint while it
 trains, then encoder.safetensors + head.safetensors and, last of all, metrics.json (the marker that
 the run is finished). Calling a stage on a finished folder trains nothing and re-reads the results.
+
+A run's lifecycle around the recipe (lock, train, finish) is studylib.study.lifecycle's; running a group
+of runs in one kernel is studylib.study.groups' (`run_group` and `run_notebook` are importable from here).
 """
 
 from __future__ import annotations
 
-import functools
-import tempfile
-import time
-import traceback
-from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from studylib.core import augment as A
-from studylib.core.fused_fit import fit_jobs
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.metrics import ClassificationMeter, SegmentationMeter
 from studylib.core.model import (
@@ -50,7 +46,6 @@ from studylib.data.readers import (
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
 from studylib.study.config import (
-    EngineConfig,
     IntermediateConfig,
     ParamError,
     PretrainConfig,
@@ -58,61 +53,23 @@ from studylib.study.config import (
     build,
     file_sha256,
 )
-from studylib.study.locks import RunLock
-from studylib.study.store import STAGE_LOCK, RunFolder
+from studylib.study.lifecycle import Prepared, StageResult, exclusive, prepared, run_folder, train
+from studylib.study.store import RunFolder
 
 EVAL_BATCH = 256
 
 
-@dataclass
-class StageResult:
-    run_dir: Path
-    metrics: dict
-    history: list[dict] = field(default_factory=list)
-    examples: dict = field(default_factory=dict)  # tensors for the stage's picture
+def __getattr__(name: str):
+    """Group execution lives in studylib.study.groups (which imports the recipes): offered here, as the stage
+    notebooks and the tests have always found it, without an import cycle."""
+    if name in ("run_group", "run_notebook", "GroupResult", "read_run_params"):
+        from studylib.study import groups
+
+        return getattr(groups, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---------------------------------------------------------------- shared plumbing
-
-
-@dataclass
-class Prepared:
-    """A stage run ready to train: its job and schedule, and `finish(history)`, which evaluates the
-    trained task and writes the run's results (for a finished run: restores and re-reads them)."""
-
-    job: Job
-    sched: Schedule
-    device: torch.device
-    finished: bool
-    finish: Callable[[list[dict]], StageResult]
-
-
-def _train(p: Prepared, engine: dict | None) -> StageResult:
-    """Train one prepared run (unless finished) and finish it."""
-    e = build(EngineConfig, engine or {}, "engine")
-    history = []
-    if not p.finished:
-        (history,) = fit_jobs([p.job], p.sched, p.device, False, e.checkpoint_seconds, e.compile_mode(p.device))
-        if isinstance(history, Exception):
-            raise history
-    return p.finish(history)
-
-
-def _run_dir(run_dir: str) -> Path:
-    return Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="studylib-run-"))
-
-
-def exclusive(stage):
-    """Hold the run folder's stage lock while the stage works: two processes (say, an orphaned
-    kernel and a resumed run) never train into the same folder at once."""
-
-    @functools.wraps(stage)
-    def locked(run_dir: str = "", *args, **kwargs):
-        folder = _run_dir(run_dir)
-        with RunLock(folder, STAGE_LOCK):
-            return stage(str(folder), *args, **kwargs)
-
-    return locked
+# ---------------------------------------------------------------- shared by the recipes
 
 
 def _schedule(s) -> Schedule:
@@ -152,12 +109,12 @@ def pretrain(
     s = build(PretrainConfig, settings or {}, "pretrain")
     if s.from_encoder:
         return _import_encoder(run_dir, model, data, s, seed, device)
-    return _train(_prepare_pretrain(run_dir, model, data, settings, size, seed, device), engine)
+    return train(prepare_pretrain(run_dir, model, data, settings, size, seed, device), engine)
 
 
-def _prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prepared:
+def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prepared:
     s = build(PretrainConfig, settings or {}, "pretrain")
-    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    run_dir, dev, paths = run_folder(run_dir), resolve_device(device), resolve_data(data)
     task = MaskedImageModel(_encoder(model, "", seed, s.init), s.init)
     cfg = task.encoder.cfg
     # crops are taken, as the authors' RandomResizedCrop on the full image, from a copy with the aspect
@@ -181,12 +138,7 @@ def _prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Pre
     def loss(net, x, mask):
         return mim_loss(net(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
 
-    t0, folder = time.time(), RunFolder(run_dir)
-
-    def finish(history: list[dict]) -> StageResult:
-        if folder.is_done:
-            folder.restore(task)
-        task.to(dev).eval()
+    def evaluate():
         # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
         g = torch.Generator().manual_seed(10_000 + seed)
         idx = torch.arange(min(len(images), EVAL_BATCH))
@@ -200,23 +152,11 @@ def _prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Pre
             "pred": pred[:6].float().cpu(),
             "patch": cfg.patch_size,
         }
-        if folder.is_done:
-            return StageResult(run_dir, folder.metrics, [], examples)
-        metrics = {
-            "stage": "pretrain",
-            "images": len(images),
-            "skipped": image_set.skipped,
-            "epochs": s.epochs,
-            "final_train_loss": history[-1]["loss"],
-            "eval_masked_l1": eval_loss,
-            "train_seconds": round(time.time() - t0, 2),
-            "device": str(dev),
-        }
-        folder.finish(task, metrics, {"stage": "pretrain", "images": len(images)})
-        return StageResult(run_dir, metrics, history, examples)
+        fields = {"images": len(images), "skipped": image_set.skipped, "epochs": s.epochs, "eval_masked_l1": eval_loss}
+        return examples, fields
 
     job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain")
-    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
+    return prepared("pretrain", job, _schedule(s), dev, evaluate, {"images": len(images)})
 
 
 class _EncoderOnly(torch.nn.Module):
@@ -232,7 +172,7 @@ def _import_encoder(run_dir: str, model: str, data: dict | None, s: PretrainConf
     as this run's pre-trained encoder. metrics.json records the source path and its sha256. The stage's
     picture shows a few Pets images with this run's masks and, as the file has no MIM head, the masked
     patches in the mean colour instead of a reconstruction."""
-    run_dir, dev = _run_dir(run_dir), resolve_device(device)
+    run_dir, dev = run_folder(run_dir), resolve_device(device)
     folder, source = RunFolder(run_dir), Path(s.from_encoder).resolve()
     finished = folder.is_done
     if finished:
@@ -301,10 +241,8 @@ def intermediate(
     The Pets arms train on images outside the downstream test split (`pets_split` holds the segment
     split settings that define it). `downstream` names the segmentation run this one serves when runs
     are not shared (the paper's pipeline)."""
-    prepared = _prepare_intermediate(
-        run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream
-    )
-    return _train(prepared, engine)
+    p = prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream)
+    return train(p, engine)
 
 
 def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream):
@@ -324,7 +262,7 @@ def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream):
     return train, test, list(PET_CLASSES), patch_labels(train.masks, grid), patch_labels(test.masks, grid)
 
 
-def _prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream):
+def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream):
     if arm not in ARMS[1:]:
         raise ValueError(f"intermediate arm {arm!r} is not one of {', '.join(ARMS[1:])}")
     s = build(IntermediateConfig, settings or {}, "intermediate")
@@ -357,21 +295,13 @@ def _prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devi
             return F.cross_entropy(net(x).float().flatten(0, 1), y.reshape(-1))
         return torch.sum(-y * F.log_softmax(net(x).float(), dim=-1), dim=-1).mean()
 
-    t0, folder = time.time(), RunFolder(run_dir)
-
-    def finish(history: list[dict]) -> StageResult:
-        if folder.is_done:
-            folder.restore(task)
-        task.to(dev).eval()
+    def evaluate():
         meter = ClassificationMeter(K)
         for i, logits in _batched(lambda sl: task(norm(A.to_float(test.images[sl].to(dev)))), len(test)):
             meter.update(logits.float().cpu().reshape(-1, K), test_y[i : i + len(logits)].reshape(-1))
         result = meter.compute()
         examples = {"confusion": result["confusion_matrix"], "classes": classes}
-        if folder.is_done:
-            return StageResult(run_dir, folder.metrics, [], examples)
-        metrics = {
-            "stage": "intermediate",
+        fields = {
             "arm": arm,
             "train_images": len(train),
             "test_images": len(test),
@@ -381,15 +311,11 @@ def _prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devi
             "top1": result["top1"],
             "confusion_matrix": result["confusion_matrix"],
             "classes": classes,
-            "final_train_loss": history[-1]["loss"],
-            "train_seconds": round(time.time() - t0, 2),
-            "device": str(dev),
         }
-        folder.finish(task, metrics, {"stage": "intermediate", "arm": arm})
-        return StageResult(run_dir, metrics, history, examples)
+        return examples, fields
 
     job = Job(task, batch, loss, len(train), seed, run_dir, f"intermediate {arm}")
-    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
+    return prepared("intermediate", job, _schedule(s), dev, evaluate, {"arm": arm})
 
 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
@@ -434,12 +360,12 @@ def segment(
     engine: dict | None = None,
 ) -> StageResult:
     """Fine-tune a per-patch segmentation head and the encoder on `size` labelled Pets images."""
-    return _train(_prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device), engine)
+    return train(prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device), engine)
 
 
-def _prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device) -> Prepared:
+def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, device) -> Prepared:
     s = build(SegmentConfig, settings or {}, "segment")
-    run_dir, dev, paths = _run_dir(run_dir), resolve_device(device), resolve_data(data)
+    run_dir, dev, paths = run_folder(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
     train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
     task = Segmenter(enc, len(PET_CLASSES), s.init)
@@ -460,12 +386,7 @@ def _prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, dev
             logits = pixel_log_softmax(logits)
         return F.cross_entropy(logits, y)
 
-    t0, folder = time.time(), RunFolder(run_dir)
-
-    def finish(history: list[dict]) -> StageResult:
-        if folder.is_done:
-            folder.restore(task)
-        task.to(dev).eval()
+    def evaluate():
         test_aug = (
             _flip_contrast(len(test), s.contrast, torch.Generator().manual_seed(seed + 1))
             if s.test_augmentation
@@ -484,121 +405,21 @@ def _prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, dev
         pred = torch.cat(preds)
         report = meter.compute()
         examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
-        if folder.is_done:
-            return StageResult(run_dir, folder.metrics, [], examples)
-        metrics = {
-            "stage": "segment",
+        fields = {
             "train_images": len(train),
             "test_images": len(test),
             "test_names": list(test.names),  # so any two runs can be checked for a shared test set
             "epochs": s.epochs,
             "skipped": sorted(set(train.skipped + test.skipped)),
             **report,
-            "final_train_loss": history[-1]["loss"],
-            "train_seconds": round(time.time() - t0, 2),
-            "device": str(dev),
         }
-        folder.finish(task, metrics, {"stage": "segment"})
-        return StageResult(run_dir, metrics, history, examples)
+        return examples, fields
 
     job = Job(task, batch, loss, len(train), seed, run_dir, "segment")
-    return Prepared(job, _schedule(s), dev, folder.is_done, finish)
+    return prepared("segment", job, _schedule(s), dev, evaluate)
 
 
-# ---------------------------------------------------------------- groups: many runs in one kernel
+# ---------------------------------------------------------------- the recipes by stage
 
-_PREPARE = {"pretrain": _prepare_pretrain, "intermediate": _prepare_intermediate, "segment": _prepare_segment}
-_STAGE = {"pretrain": pretrain, "intermediate": intermediate, "segment": segment}
-_HEADLINE = {"pretrain": "eval_masked_l1", "intermediate": "top1", "segment": "miou_per_image"}
-
-
-@dataclass
-class GroupResult:
-    """What a group of runs gave: per run folder its StageResult, or the exception that stopped it."""
-
-    stage: str
-    results: dict[str, StageResult | Exception]
-
-    def first(self) -> StageResult:
-        """The first run that finished (for the stage's pictures); raises when none did."""
-        for r in self.results.values():
-            if isinstance(r, StageResult):
-                return r
-        errors = list(self.results.values())
-        if len(errors) == 1:
-            raise errors[0]
-        raise RuntimeError(f"all {len(errors)} runs of the group failed: " + "; ".join(map(str, errors)))
-
-    def table(self):
-        """One row per run: its folder, status, headline metric and training seconds."""
-        import pandas as pd
-
-        rows = []
-        for run_dir, r in self.results.items():
-            ok = isinstance(r, StageResult)
-            metrics = r.metrics if ok else {}
-            rows.append(
-                {
-                    "run": Path(run_dir).name,
-                    "status": "done" if ok else f"failed: {type(r).__name__}",
-                    _HEADLINE[self.stage]: metrics.get(_HEADLINE[self.stage]),
-                    "train_seconds": metrics.get("train_seconds"),
-                }
-            )
-        return pd.DataFrame(rows).round(4)
-
-
-def run_group(stage: str, members: list[dict], engine: dict | None = None, **common) -> GroupResult:
-    """Run a group of `stage` runs that share `common` arguments (model, data, settings, device) and differ
-    in the per-member ones (run_dir and, by stage, parent_dir, size, seed, arm, ...). With engine.fuse on
-    (the default on a GPU) the members train as one stacked model, else one after another. A member that
-    fails is recorded failed in its run folder (error.json) and the others go on."""
-    e = build(EngineConfig, engine or {}, "engine")
-    dev = resolve_device(common.get("device", "auto"))
-    if e.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-    imported = stage == "pretrain" and (common.get("settings") or {}).get("from_encoder")
-    if e.fused(dev) and len(members) > 1 and not imported:
-        return GroupResult(stage, _run_fused(stage, members, e, dev, common))
-    results = {}
-    for m in members:
-        try:
-            results[m["run_dir"]] = _STAGE[stage](**common, **m, engine=engine)
-        except Exception as err:  # recorded, the group goes on
-            results[m["run_dir"]] = _failed(m["run_dir"], err)
-    return GroupResult(stage, results)
-
-
-def _failed(run_dir: str, err: Exception) -> Exception:
-    if run_dir:  # a run in a temporary folder (no run_dir given) has no record to keep
-        RunFolder(run_dir).record_failure(f"{type(err).__name__}: {err}", traceback.format_exc())
-    return err
-
-
-def _run_fused(stage: str, members: list[dict], e: EngineConfig, dev, common: dict) -> dict:
-    """Prepare every member, train the unfinished ones fused, finish each; every folder's stage lock held."""
-    results: dict = {}
-    prepared: dict[str, Prepared] = {}
-    with ExitStack() as stack:
-        for m in sorted(members, key=lambda m: m["run_dir"]):  # one lock order for every process
-            stack.enter_context(RunLock(_run_dir(m["run_dir"]), STAGE_LOCK))
-        for m in members:
-            try:
-                prepared[m["run_dir"]] = _PREPARE[stage](**common, **m)
-            except Exception as err:
-                results[m["run_dir"]] = _failed(m["run_dir"], err)
-        todo = {d: p for d, p in prepared.items() if not p.finished}
-        logs = {}
-        if todo:
-            first = next(iter(todo.values()))
-            jobs = [p.job for p in todo.values()]
-            logs = dict(zip(todo, fit_jobs(jobs, first.sched, dev, True, e.checkpoint_seconds, e.compile_mode(dev))))
-        for d, p in prepared.items():
-            log = logs.get(d, [])
-            try:
-                if isinstance(log, Exception):
-                    raise log
-                results[d] = p.finish(log)
-            except Exception as err:
-                results[d] = _failed(d, err)
-    return {m["run_dir"]: results[m["run_dir"]] for m in members}
+PREPARE = {"pretrain": prepare_pretrain, "intermediate": prepare_intermediate, "segment": prepare_segment}
+STAGE = {"pretrain": pretrain, "intermediate": intermediate, "segment": segment}
