@@ -73,16 +73,16 @@ def cmd_plan(args) -> int:
 def print_estimate(cfg, todo: list, runs: str) -> None:
     """The predicted wall time of the runs to do, from this device's stored bench rates (measured and stored
     first when there are none)."""
-    from studylib.study import bench
+    from studylib.study import bench, estimate
 
     rates = bench.load_rates(runs, cfg.device)
     if rates is None:
         print(f"\nno bench rates of this device in {runs}/bench: measuring them first (a few minutes)")
         rates = bench.bench(cfg.device, cache=Path(runs).resolve() / "cache")
         print(f"rates: {bench.save_rates(runs, rates)}")
-    df = bench.estimate(todo, rates, cfg.engine, cfg.workers)
-    print(f"\nestimated wall time of the runs to do ({cfg.workers} workers):")
-    print(bench.format_estimate(df, rates, todo))
+    df = estimate.estimate(todo, rates, cfg.engine, cfg.workers, cfg.executor)
+    print(f"\nestimated wall time of the runs to do ({estimate.count(cfg.workers, 'worker')}):")
+    print(estimate.format_estimate(df, rates, todo))
 
 
 def cmd_bench(args) -> int:

@@ -13,6 +13,7 @@ import pytest
 from studylib import cli
 from studylib.core.model import model_config
 from studylib.study import bench as B
+from studylib.study import estimate as E
 from studylib.study.grid import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def tiny_plan(model: str = "viny-tiny") -> list[Run]:
 
 def test_estimate_equals_a_hand_count():
     engine = {"group_size": 4, "fuse": "on"}
-    df = B.estimate(tiny_plan(), made_up_rates(), engine, workers=1).set_index("stage")
+    df = E.estimate(tiny_plan(), made_up_rates(), engine, workers=1).set_index("stage")
     # pretrain: a group of one trains alone at the single rate: 320 image-steps / 100, its 2 s warm-up,
     # 64 evaluated images at a third of the rate, one kernel
     pretrain = 320 / 100 + 2.0 + 64 / 300 + 10.0
@@ -116,21 +117,21 @@ def test_estimate_equals_a_hand_count():
     assert df.loc["all", "minutes"] == pytest.approx((pretrain + segment) / 60)
     assert list(df["groups"]) == [1, 0, 2, 3] and df.loc["all", "image_steps"] == 5320
     # two workers start the segment stage's two kernels at once
-    two = B.estimate(tiny_plan(), made_up_rates(), engine, workers=2).set_index("stage")
+    two = E.estimate(tiny_plan(), made_up_rates(), engine, workers=2).set_index("stage")
     assert two.loc["segment", "seconds"] == pytest.approx(segment - 10.0)
 
 
 def test_estimate_unfused_and_of_another_model():
     # fuse off: every run at the single rate, each with its warm-up
-    df = B.estimate(tiny_plan(), made_up_rates(), {"group_size": 4, "fuse": "off"}).set_index("stage")
+    df = E.estimate(tiny_plan(), made_up_rates(), {"group_size": 4, "fuse": "off"}).set_index("stage")
     assert df.loc["segment", "train_s"] == pytest.approx(5000 / 100) and df.loc["segment", "setup_s"] == 10.0
     # viny runs with viny-tiny rates: training slower by the ratio of FLOPs per image
     ratio = B.train_flops_per_image(model_config("viny"), "segment") / B.train_flops_per_image(
         model_config("viny-tiny"), "segment"
     )
-    big = B.estimate(tiny_plan("viny"), made_up_rates(), {"group_size": 4, "fuse": "off"}).set_index("stage")
+    big = E.estimate(tiny_plan("viny"), made_up_rates(), {"group_size": 4, "fuse": "off"}).set_index("stage")
     assert big.loc["segment", "train_s"] == pytest.approx(5000 / 100 * ratio)
-    assert "scaled from viny-tiny" in B.format_estimate(big.reset_index(), made_up_rates(), tiny_plan("viny"))
+    assert "scaled from viny-tiny" in E.format_estimate(big.reset_index(), made_up_rates(), tiny_plan("viny"))
 
 
 def test_plan_estimate_uses_stored_rates(tmp_path, monkeypatch, capsys):

@@ -10,8 +10,8 @@ warm-up steps excluded, the device synchronised before each clock read) of
 for pre-training (masked image modelling) and segmentation, on synthetic data (no download), and the
 start-up of a Jupyter kernel that imports the stage and plot modules (what every group pays once).
 
-`save_rates` keeps a result per device in the run store (<runs>/bench/<device>.json); `estimate` turns
-a plan into predicted wall time per stage from them.
+`save_rates` keeps a result per device in the run store (<runs>/bench/<device>.json); studylib.study.estimate
+turns a plan into predicted wall time per stage from them.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from studylib.core.fused import Fused, fused_step, make_fused_optimizer
 from studylib.core.fused_fit import job_step
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.model import MODELS, MaskedImageModel, Segmenter, ViTConfig, build_encoder, model_config
-from studylib.study.config import EngineConfig, ParamError, build
-from studylib.study.grid import STAGES, Run, groups, image_steps
+from studylib.study.config import EngineConfig, ParamError
 
 TASKS = ("pretrain", "segment")  # what is measured; the intermediate stage borrows segmentation's rates
 KERNEL_CODE = "from studylib.study import stages; from studylib.views import plots"
@@ -46,8 +45,6 @@ KERNEL_INCLUDES = (
     f"`{KERNEL_CODE}` in it (torch, timm, pandas, plotly imports); not papermill's notebook reading and writing"
 )
 SEG_CLASSES = 3
-INTEL_TEST_SHARE = 3_000 / 14_034  # Intel scenes: test images per training image (the real dataset)
-EVAL_BATCH = 256  # pre-training evaluates on its first 256 images (stages.EVAL_BATCH)
 
 
 @dataclass(frozen=True)
@@ -233,10 +230,10 @@ def prepare_jobs(task: str, model: str, device: torch.device, data: dict, folder
     for seed in range(n):
         run_dir = str(folder / f"{task}-{seed}")
         if task == "pretrain":
-            out.append(stages._prepare_pretrain(run_dir, model, data, settings, batch, seed, str(device)))
+            out.append(stages.prepare_pretrain(run_dir, model, data, settings, batch, seed, str(device)))
         else:
             seg = {**settings, "test_size": 8}
-            out.append(stages._prepare_segment(run_dir, model, data, seg, "", batch, seed, str(device)))
+            out.append(stages.prepare_segment(run_dir, model, data, seg, "", batch, seed, str(device)))
     return out
 
 
@@ -443,119 +440,3 @@ def save_rates(runs: str | Path, result: dict) -> Path:
 def load_rates(runs: str | Path, device: torch.device | str = "auto") -> dict | None:
     """The stored bench result of this device (auto, cpu, cuda or a torch.device), or None."""
     return read_json(rates_path(runs, device_name(device)))
-
-
-# ---------------------------------------------------------------- the estimate
-
-
-def _interpolate(points: dict[int, float], m: int) -> float:
-    """Linear in the group size between the measured sizes; the nearest measured one outside them."""
-    ms = sorted(points)
-    if m <= ms[0]:
-        return points[ms[0]]
-    if m >= ms[-1]:
-        return points[ms[-1]]
-    hi = next(k for k in ms if k >= m)
-    lo = max(k for k in ms if k <= m)
-    if hi == lo:
-        return points[lo]
-    return points[lo] + (points[hi] - points[lo]) * (m - lo) / (hi - lo)
-
-
-def _entries(rates: dict, stage: str, what: str) -> dict[int, dict]:
-    task = "segment" if stage == "intermediate" else stage
-    return {e["members"]: e for e in rates["entries"] if e["stage"] == task and e["what"] == what}
-
-
-def _scale(rates: dict, run: Run, stage: str) -> float:
-    """Measured rates are of rates['model']: another model's runs go slower in proportion to their FLOPs."""
-    task = "segment" if stage == "intermediate" else stage
-    measured = train_flops_per_image(model_config(rates["model"]), task)
-    return measured / train_flops_per_image(model_config(run.params["model"]), task)
-
-
-def eval_images(run: Run) -> int:
-    """Images the run's finish evaluates (forward only): pre-training its first 256, segmentation its test set,
-    an intermediate Pets arm the segmentation test set, an Intel arm the Intel test set (as a share of train)."""
-    if run.stage == "pretrain":
-        return 0 if run.params["settings"].get("from_encoder") else min(run.params["size"], EVAL_BATCH)
-    if run.stage == "segment":
-        return run.params["settings"]["test_size"]
-    if run.params.get("pets_split"):
-        return run.params["pets_split"]["test_size"]
-    return round(image_steps(run) / run.params["settings"]["epochs"] * INTEL_TEST_SHARE)
-
-
-def _single(rates: dict, stage: str) -> dict:
-    entry = _entries(rates, stage, "single").get(1)
-    if entry is None:
-        raise ValueError(f"the bench result of {rates['device']} has no single-run rate for {stage}: run `study bench`")
-    return entry
-
-
-def group_seconds(group, rates: dict, fuse: bool) -> dict:
-    """One group's predicted seconds: training (image-steps at the fused rate for its size, or one run after
-    another at the single rate), setup (the measured warm-up excess, compiles: once per group fused, once per
-    run otherwise; not scaled by FLOPs) and finish (evaluation, a forward ~ a third of a training step)."""
-    stage, runs = group.stage, group.runs
-    scale, one = _scale(rates, runs[0], stage), _single(rates, stage)
-    steps = sum(image_steps(r) for r in runs)
-    by_m = _entries(rates, stage, "fused")
-    if fuse and len(runs) > 1 and by_m:  # fused_fit trains a group of one alone
-        train = steps / (_interpolate({m: e["images_per_s"] for m, e in by_m.items()}, len(runs)) * scale)
-        setup = _interpolate({m: e["setup_s"] for m, e in by_m.items()}, len(runs))
-    else:
-        train, setup = steps / (one["images_per_s"] * scale), len(runs) * one["setup_s"]
-    finish = sum(eval_images(r) for r in runs) / (3 * one["images_per_s"] * scale)
-    return {"image_steps": steps, "train_s": train, "setup_s": setup, "finish_s": finish}
-
-
-def estimate(plan: list[Run], rates: dict, engine: EngineConfig | dict | None = None, workers: int = 1):
-    """Predicted wall seconds per stage and in all, for the runs of `plan` (pass only those left to do), from
-    one device's bench result `rates`. The runs go in groups as the runner makes them (grid.groups with
-    engine.members); each group pays one kernel start-up; training is the image-steps at the measured
-    steady-state rate for the group's size (fused when engine.fused on this device, interpolated between the
-    measured sizes; else the single-run rate, run after run); plus the measured warm-up excess (compiles) and
-    an evaluation per run at a third of the single training rate per image.
-
-    Modelled: steady-state training, kernel start-up, compile and warm-up, evaluation as forward passes.
-    Approximated: the intermediate stage at the segmentation rates (it has no bench of its own; the same
-    encoder, a lighter head); another model than the measured one by the ratio of their FLOPs per image.
-    Not modelled: reading and decoding the data into the cache (first use), data loading in the finish,
-    checkpoint writes, the results notebook, other jobs sharing the device. `workers` overlap only the
-    kernel start-ups: concurrent groups share the one device, so their compute adds up."""
-    import pandas as pd
-
-    engine = engine if isinstance(engine, EngineConfig) else build(EngineConfig, engine or {}, "engine")
-    device = rates["device_type"]
-    fuse, size = engine.fused(device), engine.members(device)
-    rows = []
-    for stage in STAGES:
-        gs = groups([r for r in plan if r.stage == stage], size)
-        parts = [group_seconds(g, rates, fuse) for g in gs]
-        row = {"stage": stage, "runs": sum(len(g.runs) for g in gs), "groups": len(gs)}
-        for key in ("image_steps", "train_s", "setup_s", "finish_s"):
-            row[key] = sum(p[key] for p in parts)
-        row["startup_s"] = math.ceil(len(gs) / max(1, workers)) * rates["kernel_startup_s"]
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    df.loc[len(df)] = {"stage": "all", **df.drop(columns="stage").sum().to_dict()}
-    df["seconds"] = df[["startup_s", "setup_s", "train_s", "finish_s"]].sum(axis=1)
-    df["minutes"] = df["seconds"] / 60
-    return df.astype({"runs": int, "groups": int, "image_steps": int})
-
-
-def format_estimate(df, rates: dict, plan: list[Run]) -> str:
-    """The estimate as a table, the total in minutes, and what it stands on."""
-    shown = df[["stage", "runs", "groups", "image_steps", "startup_s", "setup_s", "train_s", "finish_s", "minutes"]]
-    lines = [shown.round(1).to_string(index=False), "", f"total: about {df['minutes'].iloc[-1]:.1f} min"]
-    lines.append(f"from the bench of {rates['device']} (model {rates['model']}, batch {rates['batch']})")
-    if rates.get("smoke"):
-        lines.append("warning: these are smoke rates (a check, not a measurement): run `study bench --runs ...`")
-    others = sorted({r.params["model"] for r in plan} - {rates["model"]})
-    if others:
-        lines.append(f"{', '.join(others)}: scaled from {rates['model']} by the ratio of training FLOPs per image")
-    if any(r.stage == "intermediate" for r in plan):
-        lines.append("intermediate: at the segmentation rates (a stand-in: the same encoder, another head)")
-    lines.append("not included: decoding the data on first use, checkpoint writes, the results notebook")
-    return "\n".join(lines)
