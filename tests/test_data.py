@@ -209,7 +209,7 @@ def test_list_images_is_recursive_and_case_insensitive(folder):
 
 
 def test_load_images_all(folder, tmp_path):
-    x = DD.load_images(folder, 6, S, seed=0, cache_dir=tmp_path / "cache")
+    x = DD.load_image_set(folder, 6, S, seed=0, cache_dir=tmp_path / "cache").images
     assert x.shape == (6, 3, S, S) and x.dtype == torch.uint8
     assert _greys(x) == {v for _, _, v in UNLABELED}
 
@@ -217,11 +217,11 @@ def test_load_images_all(folder, tmp_path):
 def test_subsets_are_nested(folder, tmp_path):
     cache = tmp_path / "cache"
     for seed in (0, 1, 2):
-        three = _greys(DD.load_images(folder, 3, S, seed=seed, cache_dir=cache))
-        five = _greys(DD.load_images(folder, 5, S, seed=seed, cache_dir=cache))
+        three = _greys(DD.load_image_set(folder, 3, S, seed=seed, cache_dir=cache).images)
+        five = _greys(DD.load_image_set(folder, 5, S, seed=seed, cache_dir=cache).images)
         assert len(three) == 3 and len(five) == 5
         assert three <= five
-    picks = {frozenset(_greys(DD.load_images(folder, 3, S, seed=s, cache_dir=cache))) for s in range(6)}
+    picks = {frozenset(_greys(DD.load_image_set(folder, 3, S, seed=s, cache_dir=cache).images)) for s in range(6)}
     assert len(picks) > 1, "the subset does not depend on the seed"
 
 
@@ -232,25 +232,25 @@ def test_nested_subset_is_a_prefix():
 
 
 def test_zero_images_is_an_empty_batch(folder, tmp_path):
-    x = DD.load_images(folder, 0, S, seed=0, cache_dir=tmp_path / "cache")
+    x = DD.load_image_set(folder, 0, S, seed=0, cache_dir=tmp_path / "cache").images
     assert x.shape == (0, 3, S, S) and x.dtype == torch.uint8
 
 
 def test_too_many_images_requested(folder, tmp_path):
     with pytest.raises(DataError) as e:
-        DD.load_images(folder, 7, S, seed=0, cache_dir=tmp_path / "cache")
+        DD.load_image_set(folder, 7, S, seed=0, cache_dir=tmp_path / "cache")
     assert "7" in str(e.value) and "6" in str(e.value)
 
 
 def test_missing_image_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        DD.load_images(tmp_path / "nowhere", 1, S, seed=0, cache_dir=tmp_path / "cache")
+        DD.load_image_set(tmp_path / "nowhere", 1, S, seed=0, cache_dir=tmp_path / "cache")
 
 
 def test_unreadable_image_names_the_file(folder, tmp_path):
     (folder / "n02" / "x.jpg").write_bytes(b"\x00garbage bytes, not a JPEG\xff" * 20)
     with pytest.raises(DataError) as e:
-        DD.load_images(folder, 7, S, seed=0, cache_dir=tmp_path / "cache")
+        DD.load_image_set(folder, 7, S, seed=0, cache_dir=tmp_path / "cache")
     assert "x.jpg" in str(e.value)
 
 
@@ -301,19 +301,19 @@ def counted(monkeypatch):
 
 def test_cache_is_reused_and_invalidated(folder, tmp_path, counted):
     cache = tmp_path / "cache"
-    first = DD.load_images(folder, 6, S, seed=0, cache_dir=cache)
+    first = DD.load_image_set(folder, 6, S, seed=0, cache_dir=cache).images
     assert counted["image"] == 6
     files = list(cache.glob("*.npy"))
     assert len(files) == 1 and files[0].name.startswith("images-")
     mtime = files[0].stat().st_mtime_ns
 
-    again = DD.load_images(folder, 6, S, seed=0, cache_dir=cache)
+    again = DD.load_image_set(folder, 6, S, seed=0, cache_dir=cache).images
     assert counted["image"] == 6, "the cached array was not reused"
     assert torch.equal(first, again)
     assert files[0].stat().st_mtime_ns == mtime
 
     # another resolution is another cache entry
-    DD.load_images(folder, 6, 4, seed=0, cache_dir=cache)
+    DD.load_image_set(folder, 6, 4, seed=0, cache_dir=cache)
     assert counted["image"] == 12 and len(list(cache.glob("*.npy"))) == 2
 
     # replacing a source image (new bytes, new mtime) invalidates the entry
@@ -321,7 +321,7 @@ def test_cache_is_reused_and_invalidated(folder, tmp_path, counted):
     _save(_solid((222, 111, 0), size=24), src, "PNG")
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    fresh = DD.load_images(folder, 6, S, seed=0, cache_dir=cache)
+    fresh = DD.load_image_set(folder, 6, S, seed=0, cache_dir=cache).images
     assert counted["image"] == 18
     colours = {tuple(img[:, 0, 0].tolist()) for img in fresh}
     assert (222, 111, 0) in colours and (100, 100, 100) not in colours
@@ -329,11 +329,11 @@ def test_cache_is_reused_and_invalidated(folder, tmp_path, counted):
 
 def test_touching_a_source_invalidates_the_cache(folder, tmp_path, counted):
     cache = tmp_path / "cache"
-    DD.load_images(folder, 6, S, seed=0, cache_dir=cache)
+    DD.load_image_set(folder, 6, S, seed=0, cache_dir=cache)
     src = folder / "n03" / "e.Jpg"
     st = src.stat()
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 3_000_000_000))
-    DD.load_images(folder, 6, S, seed=0, cache_dir=cache)
+    DD.load_image_set(folder, 6, S, seed=0, cache_dir=cache)
     assert counted["image"] == 12
 
 

@@ -57,7 +57,7 @@ def test_loaders_read_the_samples(tmp_path):
     assert "Abyssinian_5" in tv.names  # the RGBA PNG named .jpg decodes
     intel = D.load_intel(SHARED / "intel_sample", "train", 32, cache_dir=tmp_path)
     assert len(intel) == 450 and intel.labels.bincount().tolist() == [75] * 6
-    grey = DD.load_images(SHARED / "imagenet_sample", 400, 32, seed=0, cache_dir=tmp_path)
+    grey = DD.load_image_set(SHARED / "imagenet_sample", 400, 32, seed=0, cache_dir=tmp_path).images
     assert grey.shape == (400, 3, 32, 32)
 
 

@@ -570,8 +570,3 @@ def load_image_set(
         [str(chosen[i]) for i in bad],
         torch.from_numpy(found.valid_sizes(keep).astype(np.int64)),
     )
-
-
-def load_images(root: str | Path, n: int, size: int, seed: int, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """The images of load_image_set, unreadable files being an error."""
-    return load_image_set(root, n, size, seed, cache_dir).images

@@ -46,6 +46,7 @@ from studylib.data.readers import (
 from studylib.data.sources import resolve_data
 from studylib.data.splits import segmentation_split
 from studylib.study.config import (
+    ARMS,
     IntermediateConfig,
     ParamError,
     PretrainConfig,
@@ -216,8 +217,6 @@ def _import_encoder(run_dir: str, model: str, data: dict | None, s: PretrainConf
 
 
 # ---------------------------------------------------------------- stage 2: scene classification
-
-ARMS = ("none", "intel", "pets-breeds", "spatial")
 
 
 @exclusive
