@@ -123,8 +123,10 @@ def test_the_papers_numbers_by_hand():
     v = np.array([0.56, 0.42, 0.62, 0.19]) ** 2 / 3
     dof = v.sum() ** 2 / (v**2 / 2).sum()
     assert (hi - lo) / 2 == pytest.approx(t975(dof) * math.sqrt(v.sum()))
-    assert "(200000 pre-training, 250 labels) -7.21" in parts.loc["most where pre-training helps most", "detail"]
-    assert "description only: r of" in parts.loc["most where pre-training helps most", "detail"]
+    detail = parts.loc["most where pre-training helps most", "detail"]
+    assert "(200,000 pre-training images, 250 labels) -7.21" in detail and "description only: r of" in detail
+    assert "biased" not in detail  # at r = -0.94 the pull of shared noise is negligible: no note
+    assert "(Welch, 3 runs per cell treated as independent)" in detail
 
 
 # ------------------------------------------------------------------------------- verdict words
@@ -222,4 +224,57 @@ def test_study_results_paper(capsys):
     out = capsys.readouterr().out
     assert out.count("supported") >= 2 * (3 + 5) and "inconclusive" not in out and "mixed" not in out
     assert "(c) the intermediate stage hurts, most where pre-training helps most: supported" in out
-    assert "pixel accuracy %" in out and "difference -5.99 [" in out
+    assert "pixel accuracy %" in out and "difference -5.99 mIoU points [" in out
+    assert "treated as independent" in out and "The authors' table gives a mean and std over 3 runs" in out
+    assert "labels: supported, +13.68 points per 1,000 images [" in out
+
+
+# ------------------------------------------------------------------------------- the replicate
+
+
+def test_a_missing_run_stays_paired_over_the_seeds_every_cell_has():
+    a = Cell(0, 0, 5, pd.Series([1.0, 2.0, 3.0, 4.0, 5.0], index=range(5)))
+    b = Cell(0, 0, 4, pd.Series([2.0, 2.5, 5.0, 6.5], index=[0, 1, 2, 4]))  # seed 3 lacks this cell
+    e = contrast({"a": a, "b": b}, {"b": 1, "a": -1})
+    d = np.array([1.0, 0.5, 2.0, 1.5])  # per seed over seeds 0, 1, 2, 4
+    half = t975(3) * d.std(ddof=1) / 2
+    assert (e.method, e.n, e.value) == ("paired", 4, pytest.approx(d.mean()))
+    assert (e.lo, e.hi) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert e.replicate == "paired over 4 of 5 seeds (seed 3 lacks a cell)"
+    assert e.sd == pytest.approx(d.std(ddof=1))
+    lone = contrast({"a": a, "b": Cell(0, 0, 1, pd.Series([2.0], index=[0]))}, {"b": 1, "a": -1})
+    assert lone.method == "paired" and lone.n == 1 and math.isnan(lone.lo)  # never Welch over shared encoders
+
+
+# ------------------------------------------------------------------------------- wording
+
+
+def _grid_runs(seeds: int, effect: float = 0.0) -> pd.DataFrame:
+    rng = np.random.default_rng(5)
+    rows = [
+        {"protocol": "clean", "pretrain_size": p, "intermediate": a, "finetune_size": f, "seed": s,
+         "miou": 40 + f / 100 + (effect * 250 / f if p else 0) - (1 if a == "intel" else 0) + rng.normal(0, SD)}
+        for s in range(seeds) for p in (0, 45000, 200000) for a in ("none", "intel") if a == "none" or p
+        for f in (250, 1000, 6000)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_the_summary_shows_every_part_with_unit_replicate_and_detectable_effect():
+    from studylib.analysis.claims import claims_summary
+
+    s = claims_summary(_grid_runs(2))
+    assert s.part.tolist() == ["fewer labels", "labels", "pre-training", "hurts", "most where pre-training helps most"]
+    assert s.claim.tolist()[1:3] == ["returns diminish, both with more labels and with more pre-training data", ""]
+    assert s.effect[0].endswith(" mIoU points") and s.effect[1].endswith(" points per 1,000 images")
+    assert set(s.replicate) == {"paired over 2 seeds"}
+    inconclusive = [v for v in s.verdict if v.startswith("inconclusive")]
+    assert inconclusive and all(v.startswith("inconclusive (n=2; could detect >= ") for v in inconclusive)
+    parts = claim_parts(_grid_runs(2)).set_index("part")
+    # the detectable effect is the 80%-power effect of a one-sided 2.5% t test with 1 df at the part's se
+    from scipy import stats
+
+    se = (parts.loc["hurts", "ci95"][1] - parts.loc["hurts", "ci95"][0]) / 2 / t975(1)
+    mde = parts.loc["hurts", "mde"]
+    assert 1 - stats.nct.cdf(stats.t.ppf(0.975, 1), 1, mde / se) == pytest.approx(0.8, abs=1e-6)
+    assert "6,000 labels" in parts.loc["most where pre-training helps most", "detail"]
