@@ -54,8 +54,9 @@ def test_a_hung_stage_run_is_recorded_failed_with_the_reason(tmp_path):
     plan = [r for r in grid.plan(config.load(SMOKE)) if r.stage == "pretrain"]
     params = runner.group_parameters(grid.Group("pretrain", plan[:1]), tmp_path, "cpu", {})
     declared = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-    # as a stage notebook does, the stopping notebook reads its run's parameters from its params.json
-    prelude = "from studylib.study import stages\npid_file = stages.read_run_params(run_dirs[0])['pid_file']\n"
+    # as a stage notebook does, the stopping notebook reads its run's parameters from its params.json (through
+    # the store, which imports quickly: the pid must be written well within the 4 s limit)
+    prelude = "from studylib.study.store import RunFolder\npid_file = RunFolder(run_dirs[0]).parameters['pid_file']\n"
     _stopping_notebook(notebooks / grid.NOTEBOOKS["pretrain"], declared, prelude)
     pid_file = tmp_path / "pid"
     run = grid.Run(plan[0].stage, {**plan[0].params}, labels=plan[0].labels)
