@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +120,17 @@ def cmd_run(args) -> int:
         engine=config.to_dict(cfg.engine),
     )
     print(summary.line())
+    again = _run_again(args)
+    if summary.interrupted or summary.not_started:
+        print(_interrupted_line(summary, again), file=sys.stderr)
+        return 130
+    if not summary.finished and (summary.failed or summary.blocked):
+        print(
+            f"study: error: no run finished ({len(summary.failed)} failed, {len(summary.blocked)} skipped because a "
+            f"parent failed): fix what each failed run's error.json says, then resume with `{again}`",
+            file=sys.stderr,
+        )
+        return _list_failed(summary, args.runs)
     from studylib.analysis.claims import claims_all_arms, claims_display
     from studylib.analysis.render import format_tables
     from studylib.analysis.tables import collect
@@ -140,11 +152,6 @@ def cmd_run(args) -> int:
         try:
             out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
             print(f"\nresults notebook: {out}")
-            print(
-                f"next: `study geometry {args.params}` measures the encoders' patch tokens, then "
-                f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} "
-                "(make study does both)"
-            )
         except NotebookTimeout as e:
             print(
                 f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
@@ -153,10 +160,35 @@ def cmd_run(args) -> int:
             )
             return 1
     if not summary.ok:
-        for rid in summary.failed:
-            print(f"failed: {rid} (see {args.runs}/*/{rid}/error.json)", file=sys.stderr)
-        return 1
+        print(f"next: fix the failed runs (each one's error.json), then `{again}`: finished runs are kept")
+        return _list_failed(summary, args.runs)
+    print(
+        f"next: `study geometry {args.params}` measures the encoders' patch tokens, then "
+        f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} "
+        "(make study does both)"
+    )
     return 0
+
+
+def _run_again(args) -> str:
+    """The `study run` command that resumes this one (finished runs are kept)."""
+    extra = [f"--{k} {v}" for k in ("device", "workers", "executor") if (v := getattr(args, k, None))]
+    return " ".join(["study run", args.params, "--runs", args.runs, *extra])
+
+
+def _interrupted_line(summary, again: str) -> str:
+    stopped, runs = summary.stopped, len(summary.interrupted)
+    parts = [f"{stopped} group{'s' * (stopped != 1)} stopped ({runs} run{'s' * (runs != 1)})"]
+    if summary.not_started:
+        parts.append(f"{summary.not_started} run{'s' * (summary.not_started != 1)} not started")
+    parts.append(f"{summary.finished} finished runs kept")
+    return f"study: interrupted: {', '.join(parts)}; resume with `{again}`"
+
+
+def _list_failed(summary, runs: str) -> int:
+    for rid in summary.failed:
+        print(f"failed: {rid} (see {runs}/*/{rid}/error.json)", file=sys.stderr)
+    return 1
 
 
 def write_results_notebook(runs: str, params: str, name: str, cell_timeout: float = 600) -> Path:
@@ -320,13 +352,22 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from studylib.data.readers import DataError
     from studylib.study.config import ParamError
+    from studylib.study.store import StoreError
 
     args = parser().parse_args(argv)
     try:
-        return args.fn(args)
-    except (ParamError, DataError, FileNotFoundError, FileExistsError) as e:
+        rc = args.fn(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except (ParamError, DataError, StoreError, FileNotFoundError, FileExistsError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `study plan ... | head`: the reader went away; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unflushed rest goes nowhere at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    except KeyboardInterrupt:  # Ctrl-C outside the runs (the runner handles its own)
+        print("study: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,27 +2,32 @@
 
 Finished runs (store.RunFolder.is_done) are skipped; a failed run is recorded in error.json with its
 traceback, its dependents are skipped, and the rest go on. An interrupted run resumes from its
-epoch checkpoint the next time.
+epoch checkpoint the next time: Ctrl-C (SIGINT) kills the running kernels, starts no more groups and
+records nothing as failed; a second Ctrl-C exits at once. Leftovers of a killed runner are cleaned
+first (store.tidy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from studylib.core.files import atomic_write_json
 from studylib.core.train import progress_enabled
-from studylib.study import provenance
-from studylib.study.config import EngineConfig, build
+from studylib.study import execution, store
+from studylib.study.config import EngineConfig, TimeoutConfig, build, to_dict
 from studylib.study.execution import CELL_TIMEOUT, run_notebook
-from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, groups, image_steps
+from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, image_steps, schedule
 from studylib.study.locks import RunLock
 from studylib.study.store import RUNNER_LOCK, RunFolder
 
@@ -39,16 +44,41 @@ class Summary:
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)  # a parent failed
     elsewhere: list[str] = field(default_factory=list)  # finished by another runner meanwhile
+    interrupted: list[str] = field(default_factory=list)  # stopped by Ctrl-C: resumable, not failed
+    stopped: int = 0  # groups stopped by Ctrl-C
+    not_started: int = 0  # runs left unstarted by Ctrl-C
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.blocked
+        return not self.failed and not self.blocked and not self.interrupted and not self.not_started
+
+    @property
+    def finished(self) -> int:
+        """Runs finished in the store: before this call, by it, or by another runner meanwhile."""
+        return len(self.done) + len(self.ran) + len(self.elsewhere)
 
     def line(self) -> str:
         return (
             f"{len(self.ran)} ran, {len(self.done)} already done, {len(self.elsewhere)} finished by another "
             f"runner, {len(self.failed)} failed, {len(self.blocked)} skipped because a parent failed"
         )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a plan's groups execute, built once in execute() and handed to every group (under submitit,
+    pickled into its job): the run store, the device (a worker's own GPU), the data cache, the stage
+    notebooks, the time limits, and the engine with `threads` resolved for each kernel."""
+
+    runs: Path
+    device: str
+    cache: str
+    notebooks: Path = NOTEBOOK_DIR
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def on(self, device: str) -> Execution:
+        return dataclasses.replace(self, device=device)
 
 
 def notebook_parameters(run: Run, runs: Path, device: str, cache: str) -> dict:
@@ -99,17 +129,11 @@ def training_timeout(run: Run | Group, device: str, timeouts: dict | None = None
     return 1800.0 + sum(image_steps(r) for r in members) / rate
 
 
-def execute_group(
-    group: Group,
-    runs: Path,
-    device: str,
-    cache: str,
-    notebooks: Path = NOTEBOOK_DIR,
-    timeouts: dict | None = None,
-    engine: dict | None = None,
-) -> None:
+def execute_group(group: Group, ex: Execution) -> None:
     """Execute the stage notebook once for the group: in the run folder for a group of one, else in the
     group's folder, each member pointing at it. Raises when the notebook fails."""
+    runs, device, cache, notebooks = ex.runs, ex.device, ex.cache, ex.notebooks
+    timeouts, engine = to_dict(ex.timeouts), to_dict(ex.engine)
     for run in group.runs:
         d = run.dir(runs)
         d.mkdir(parents=True, exist_ok=True)
@@ -138,15 +162,6 @@ def execute_group(
     os.replace(partial, out / "notebook.ipynb")
 
 
-def execute_run(
-    run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR, timeouts: dict | None = None
-) -> None:
-    """One run, its own notebook: a group of one."""
-    execute_group(Group(run.stage, [run]), runs, device, cache, notebooks, timeouts)
-    if not RunFolder(run.dir(runs)).is_done:
-        raise RuntimeError(f"the {run.stage} notebook finished without writing its results (metrics, encoder, head)")
-
-
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else text
@@ -157,49 +172,43 @@ def _record_failure(run: Run, runs: Path, e: Exception) -> str:
     return _last_line(str(e)) or type(e).__name__
 
 
-def attempt_group(
-    group: Group,
-    runs: Path,
-    device: str,
-    cache: str,
-    notebooks: Path = NOTEBOOK_DIR,
-    timeouts: dict | None = None,
-    engine: dict | None = None,
-) -> list[tuple]:
+def attempt_group(group: Group, ex: Execution) -> list[tuple]:
     """Execute a group under its members' locks -> [(run, status, message, seconds)] with status 'ran',
-    'failed' or 'elsewhere' (another runner finished it meanwhile). Never raises."""
+    'failed', 'elsewhere' (another runner finished it meanwhile) or 'interrupted' (Ctrl-C killed its
+    kernel: resumable, nothing recorded as failed). Never raises."""
     os.environ["STUDYLIB_PROGRESS"] = "0"  # kernels inherit this: no bars in executed notebooks
     t0 = time.time()
     with ExitStack() as locks:
         for run in sorted(group.runs, key=lambda r: r.id):  # one lock order for every runner
-            locks.enter_context(RunLock(run.dir(runs), RUNNER_LOCK))
-        todo = [r for r in group.runs if not RunFolder.of(r, runs).is_done]
+            locks.enter_context(RunLock(run.dir(ex.runs), RUNNER_LOCK))
+        todo = [r for r in group.runs if not RunFolder.of(r, ex.runs).is_done]
         out = [(r, "elsewhere", None, 0.0) for r in group.runs if r not in todo]
         if not todo:
             return out
+        if len(todo) > 1:  # the group's folder is live while held: store.tidy leaves it alone
+            locks.enter_context(RunLock(Group(group.stage, todo).dir(ex.runs), RUNNER_LOCK))
         for r in todo:
-            RunFolder.of(r, runs).clear_failure()
+            RunFolder.of(r, ex.runs).clear_failure()
         error = None
         try:
-            execute_group(Group(group.stage, todo), runs, device, cache, notebooks, timeouts, engine)
+            execute_group(Group(group.stage, todo), ex)
         except Exception as e:  # recorded on each unfinished member below, never raised
             error = e
         seconds = (time.time() - t0) / len(todo)
         for r in todo:
-            out.append((r, *_member_outcome(r, runs, device, error, t0), seconds))
+            RunFolder.of(r, ex.runs).settle_notebooks()
+            out.append((r, *_member_outcome(r, ex.runs, error), seconds))
     return out
 
 
-def _member_outcome(run: Run, runs: Path, device: str, error: Exception | None, t0: float) -> tuple:
+def _member_outcome(run: Run, runs: Path, error: Exception | None) -> tuple:
     folder = RunFolder.of(run, runs)
-    if folder.is_done:
-        record = provenance.record(
-            PACKAGE_DIR, run.params.get("seed"), folder.metrics.get("device", device), t0, time.time()
-        )
-        atomic_write_json(folder.path / "provenance.json", record)
+    if folder.is_done:  # its provenance.json was written with its metrics, in the kernel
         return "ran", None
     if folder.failure:  # the group recorded this member's own failure
         return "failed", _last_line(folder.failure)
+    if error is not None and execution.stopping():  # Ctrl-C killed the kernel: resumable, not failed
+        return "interrupted", None
     if error is None:
         error = RuntimeError(f"the {run.stage} notebook finished without writing its results (metrics, encoder, head)")
     try:
@@ -208,33 +217,28 @@ def _member_outcome(run: Run, runs: Path, device: str, error: Exception | None, 
         return "failed", _record_failure(run, runs, e)
 
 
-def attempt(
-    run: Run, runs: Path, device: str, cache: str, notebooks: Path = NOTEBOOK_DIR, timeouts: dict | None = None
-):
-    """Execute one run under its lock -> (status, message, seconds). Never raises."""
-    ((_, status, message, seconds),) = attempt_group(Group(run.stage, [run]), runs, device, cache, notebooks, timeouts)
-    return status, message, seconds
-
-
-# A sequential group holds at most this many image-steps (about 2.5 min of viny-tiny on one CPU core):
-# a kernel start (~8 s) matters for short runs only, and one worker must not queue all the long ones.
-SEQUENTIAL_GROUP_STEPS = 30_000
+def skipped_line(run: Run, runs: Path) -> str | None:
+    """What a finished run left out under data.skip_unreadable (its metrics' `skipped`), or None."""
+    m = RunFolder.of(run, runs).metrics
+    skipped = m.get("skipped") or []
+    if not skipped:
+        return None
+    n, used = len(skipped), m.get("images", m.get("train_images"))
+    names = ", ".join(Path(s).name for s in skipped[:3]) + (", ..." if n > 3 else "")
+    trained = f"; trained on {used} images" if used is not None else ""
+    what = f"skipped {n} unreadable image{'s' * (n != 1)} ({names}){trained}"
+    return f"{run.stage}/{run.id}: {what} (data.skip_unreadable)"
 
 
 class _Book:
     """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked; prints a
     progress line per finished group with an estimate of the time left."""
 
-    def __init__(self, plan: list[Run], runs: Path, echo, group_size: int, spread: int = 1, sequential=False):
-        self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, runs).is_done])
+    def __init__(self, plan: list[Run], ex: Execution, echo, workers: int, executor: str):
+        self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, ex.runs).is_done])
         done = set(self.summary.done)
-        self.pending = [
-            g
-            for g in groups(
-                [r for r in plan if r.id not in done], group_size, spread, SEQUENTIAL_GROUP_STEPS if sequential else 0
-            )
-            if g.runs
-        ]
+        self.pending = schedule([r for r in plan if r.id not in done], ex.engine, ex.device, workers, executor)
+        self.runs = ex.runs
         self.total = sum(len(g.runs) for g in self.pending)
         self.cost = {r.id: max(1, image_steps(r)) for g in self.pending for r in g.runs}
         self.finished, self.bad, self.echo = set(done), set(), echo
@@ -263,6 +267,9 @@ class _Book:
 
     def outcome(self, run: Run, status: str, message: str | None, seconds: float) -> None:
         self._tick(run)
+        if status == "interrupted":
+            self.summary.interrupted.append(run.id)
+            return
         if status == "failed":
             self.bad.add(run.id)
             self.summary.failed.append(run.id)
@@ -270,6 +277,21 @@ class _Book:
             return
         self.finished.add(run.id)
         (self.summary.ran if status == "ran" else self.summary.elsewhere).append(run.id)
+        if status == "ran" and (line := skipped_line(run, self.runs)):
+            self.echo(line)
+
+    def group_done(self, group: Group, outcomes: list[tuple]) -> None:
+        for outcome in outcomes:
+            self.outcome(*outcome)
+        if any(status == "interrupted" for _, status, _, _ in outcomes):
+            self.summary.stopped += 1
+        else:
+            self.progress(group)
+
+    def stop(self) -> None:
+        """Ctrl-C: no more groups start; what was pending is counted as not started."""
+        self.summary.not_started = sum(len(g.runs) for g in self.pending)
+        self.pending = []
 
     def progress(self, group: Group) -> None:
         """One line per finished group when no bar is shown: runs done / total and the time left, estimated
@@ -296,26 +318,96 @@ def execute(
     timeouts: dict | None = None,
     engine: dict | None = None,
 ) -> Summary:
-    """Run every unfinished run of the plan, each after its parent, in groups of one shape (engine.group_size;
-    one kernel per group). `executor`: 'local' (up to `workers` groups at once on this machine, spread over
+    """Run every unfinished run of the plan, each after its parent, in the groups of grid.schedule (one
+    kernel per group). `executor`: 'local' (up to `workers` groups at once on this machine, spread over
     the visible GPUs), 'slurm' (a submitit job array per stage; `cluster` holds submitit parameters such as
     slurm_partition, gpus_per_node, timeout_min) or 'submitit-local' (the same path through submitit's local
     executor, for testing). `timeouts`: {'cell': s, 'training': s} (0 or missing: the defaults, see
-    training_timeout); a run past its limit is recorded failed."""
-    runs = Path(runs).resolve()
-    cache = cache or str(runs / "cache")
-    eng = build(EngineConfig, engine or {}, "engine")
-    # members of a sequential group share one worker: split each shape over the workers
-    sequential = not eng.fused(resolved_device(device)) and executor == "local"
-    book = _Book(plan, runs, echo, eng.members(resolved_device(device)), workers if sequential else 1, sequential)
-    if executor == "local":
-        _execute_local(book, runs, device, cache, workers, notebooks, timeouts, engine)
-    elif executor in ("slurm", "submitit-local"):
-        _execute_submitit(book, runs, device, cache, executor, cluster or {}, notebooks, timeouts, engine)
-    else:
+    training_timeout); a run past its limit is recorded failed. Raises store.StoreError before anything
+    runs when the store is not writable."""
+    if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"unknown executor {executor!r}; valid: local, slurm, submitit-local")
+    runs = Path(runs).resolve()
+    store.check_writable(runs)
+    for line in store.tidy(runs):
+        echo(f"cleaned: {line}")
+    eng = build(EngineConfig, engine or {}, "engine")
+    threads = eng.kernel_threads(workers) if executor == "local" else eng.threads  # 0: the node decides
+    ex = Execution(
+        runs,
+        device,
+        cache or str(runs / "cache"),
+        notebooks,
+        build(TimeoutConfig, timeouts or {}, "timeouts"),
+        dataclasses.replace(eng, threads=threads, threads_from_env=False),
+    )
+    book = _Book(plan, ex, echo, workers, executor)
+    if executor == "local":
+        if book.pending:
+            echo(threads_line(eng, workers))
+        _execute_local(book, ex, workers)
+    else:
+        _execute_submitit(book, ex, executor, cluster or {})
     book.bar.close()
     return book.summary
+
+
+def threads_line(eng: EngineConfig, workers: int, environ=None) -> str:
+    """What each local kernel gets, and from where: engine.threads, the cores shared out, or (only with
+    engine.threads_from_env) the shell's OMP_NUM_THREADS."""
+    env = os.environ if environ is None else environ
+    n, shell = eng.kernel_threads(workers, env), env.get("OMP_NUM_THREADS", "")
+    from_env = eng.threads_from_env and shell.isdigit() and int(shell) > 0
+    if from_env:
+        source = f"OMP_NUM_THREADS={shell} from the shell, as engine.threads_from_env says"
+    else:
+        source = "engine.threads" if eng.threads else f"{os.cpu_count()} cores shared by {workers}"
+        if shell:
+            source += f"; OMP_NUM_THREADS={shell} from the shell ignored: set engine.threads_from_env to use it"
+    return f"kernels: {workers} worker{'s' * (workers != 1)} x {n} thread{'s' * (n != 1)} ({source})"
+
+
+@contextmanager
+def _kernel_threads(n: int):
+    """Kernels started inside inherit n threads for OpenMP and MKL; the caller's environment comes back after."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(n) for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _ctrl_c(book: _Book):
+    """While groups run: the first SIGINT kills every running kernel (their runs resume from their
+    checkpoints) and starts no more groups; a second exits at once. Only the main thread can take signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    count = 0
+
+    def handler(signum, frame):
+        nonlocal count
+        count += 1
+        execution.stop_kernels()
+        book.stop()
+        if count > 1:
+            sys.stderr.write("study: interrupted twice: stopped at once; run the same command again to resume\n")
+            sys.stderr.flush()
+            os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        execution.resume_kernels()
 
 
 def _gpu_slots(device: str, workers: int) -> list[str]:
@@ -328,20 +420,9 @@ def _gpu_slots(device: str, workers: int) -> list[str]:
     return [f"cuda:{i % n}" if n > 1 else device for i in range(workers)]
 
 
-def _execute_local(
-    book: _Book,
-    runs: Path,
-    device: str,
-    cache: str,
-    workers: int,
-    notebooks: Path,
-    timeouts: dict | None,
-    engine: dict | None,
-) -> None:
-    # share the cores between concurrent kernels instead of oversubscribing them
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    free = _gpu_slots(device, workers)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
+    free = _gpu_slots(ex.device, workers)
+    with _kernel_threads(ex.engine.threads), _ctrl_c(book), ThreadPoolExecutor(max_workers=workers) as pool:
         running: dict = {}
         while book.pending or running:
             for group in list(book.pending):
@@ -351,8 +432,7 @@ def _execute_local(
                 elif members and free:
                     book.pending.remove(group)
                     slot = free.pop(0)
-                    args = (members, runs, slot, cache, notebooks, timeouts, engine)
-                    running[pool.submit(attempt_group, *args)] = (members, slot)
+                    running[pool.submit(attempt_group, members, ex.on(slot))] = (members, slot)
             if not running:
                 if book.pending:  # cannot happen for a plan from grid.plan: parents always come first
                     raise RuntimeError(
@@ -363,30 +443,18 @@ def _execute_local(
             for fut in done:
                 members, slot = running.pop(fut)
                 free.append(slot)
-                for outcome in fut.result():
-                    book.outcome(*outcome)
-                book.progress(members)
+                book.group_done(members, fut.result())
 
 
-def _execute_submitit(
-    book: _Book,
-    runs: Path,
-    device: str,
-    cache: str,
-    executor: str,
-    cluster: dict,
-    notebooks: Path,
-    timeouts: dict | None,
-    engine: dict | None,
-) -> None:
+def _execute_submitit(book: _Book, ex: Execution, executor: str, cluster: dict) -> None:
     """One job array per stage (a stage's runs only depend on earlier stages), one job per group; the run
     store must be on a filesystem the cluster's nodes share."""
     import submitit
 
-    ex = submitit.AutoExecutor(
-        folder=str(runs / "submitit" / "%j"), cluster="local" if executor == "submitit-local" else "slurm"
+    jobs_ex = submitit.AutoExecutor(
+        folder=str(ex.runs / "submitit" / "%j"), cluster="local" if executor == "submitit-local" else "slurm"
     )
-    ex.update_parameters(**{"timeout_min": 24 * 60, **cluster})
+    jobs_ex.update_parameters(**{"timeout_min": 24 * 60, **cluster})
     for stage in STAGES:
         wave = []
         for group in [g for g in book.pending if g.stage == stage]:
@@ -396,15 +464,10 @@ def _execute_submitit(
                 wave.append(members)
         if not wave:
             continue
-        n = len(wave)
-        jobs = ex.map_array(
-            attempt_group, wave, [runs] * n, [device] * n, [cache] * n, [notebooks] * n, [timeouts] * n, [engine] * n
-        )
+        jobs = jobs_ex.map_array(attempt_group, wave, [ex] * len(wave))
         for group, job in zip(wave, jobs):
             try:
                 outcomes = job.result()
             except Exception as e:  # the job itself died (node failure, timeout): record it like a failure
-                outcomes = [(run, "failed", _record_failure(run, runs, e), 0.0) for run in group.runs]
-            for outcome in outcomes:
-                book.outcome(*outcome)
-            book.progress(group)
+                outcomes = [(run, "failed", _record_failure(run, ex.runs, e), 0.0) for run in group.runs]
+            book.group_done(group, outcomes)

@@ -13,16 +13,23 @@ stages, the CLI, the analysis and the views ask it.
         encoder.safetensors      the trained encoder; head.safetensors, the task head
         metrics.json             written last: the run is finished
         error.json               why the last attempt failed
-        provenance.json          code, packages, machine, seed and wall time
+        provenance.json          code, packages, machine, seed and wall time (written with metrics.json)
         geometry.json            the encoder's patch-token geometry (`study geometry`)
 
 States: done (metrics, encoder and head all written), running (a runner holds the run's lock),
 failed (error.json, and not done), todo (anything else).
+
+A runner killed mid-group (kill -9, a machine that went down) can leave a partial notebook
+(.notebook.partial.ipynb), an empty group folder and group.json files that point at a notebook that
+was never written: `tidy` cleans them on the next run, where no live runner holds the lock.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
 from pathlib import Path
 
 from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
@@ -32,6 +39,14 @@ RUNNER_LOCK, STAGE_LOCK = ".runner.lock", ".stage.lock"
 STATES = ("todo", "running", "done", "failed")
 FINISHED_FILES = ("metrics.json", "encoder.safetensors", "head.safetensors")
 CHECKPOINT = "checkpoint.safetensors"
+PARTIAL = ".notebook.partial.ipynb"  # papermill writes here as it goes; published whole as notebook.ipynb
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # provenance records this checkout's commit
+
+
+class StoreError(Exception):
+    """The run store cannot be used (not writable); the message names the folder and the fix."""
+
+
 # metrics.json key of each segmentation metric, reported in % by collect()
 SEGMENT_METRICS = {"miou": "miou_per_image", "pixel_acc": "pixel_acc", "miou_dataset": "miou_dataset"}
 
@@ -114,6 +129,24 @@ class RunFolder:
         rel = os.path.relpath(Path(notebook).resolve(), self.path.resolve())
         atomic_write_json(self.path / "group.json", {"group": group_id, "notebook": rel})
 
+    def settle_notebooks(self) -> str | None:
+        """After an attempt: a group.json that points at a missing notebook (its group failed, was stopped or
+        killed) is pointed at the group's failed notebook when there is one, else removed; a failed notebook
+        of an earlier attempt goes once the run's own notebook is there -> what was done, or None."""
+        if (self.path / "notebook.ipynb").exists() and (self.path / "notebook-failed.ipynb").exists():
+            (self.path / "notebook-failed.ipynb").unlink()
+            return "removed the failed notebook of an earlier attempt"
+        pointer = read_json(self.path / "group.json", {})
+        rel = pointer.get("notebook")
+        if not rel or (self.path / rel).exists():
+            return None
+        failed = (self.path / rel).parent / "notebook-failed.ipynb"
+        if failed.exists():
+            self.write_group(pointer.get("group", ""), failed)
+            return "group.json pointed at its group's failed notebook"
+        (self.path / "group.json").unlink()
+        return "group.json removed (its notebook was never written)"
+
     @property
     def notebook(self) -> Path | None:
         """The executed notebook of this run: its own, or the one of the group it ran in; None if neither."""
@@ -135,8 +168,17 @@ class RunFolder:
         save_encoder(self.path / "encoder.safetensors", task.encoder, meta)
         head = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if not k.startswith("encoder.")}
         atomic_write_bytes(self.path / "head.safetensors", save(head))
+        self.write_provenance(metrics, _started(metrics), time.time())
         atomic_write_json(self.path / "metrics.json", metrics)
         (self.path / CHECKPOINT).unlink(missing_ok=True)
+
+    def write_provenance(self, metrics: dict, started: float, ended: float, **extra) -> None:
+        """provenance.json: written by the kernel just before metrics.json, so a finished run always has it."""
+        from studylib.study import provenance
+
+        seed = self.parameters.get("seed")
+        record = provenance.record(PACKAGE_DIR, seed, metrics.get("device", "unknown"), started, ended)
+        atomic_write_json(self.path / "provenance.json", {**record, **extra})
 
     def restore(self, task) -> None:
         """Load the finished run's weights into `task` (a model with .encoder and its head)."""
@@ -161,6 +203,80 @@ class RunFolder:
         model = Segmenter(enc, head["head.weight"].shape[0] // enc.cfg.patch_size**2)
         model.load_state_dict(head, strict=False)
         return model.eval()
+
+
+def _started(metrics: dict) -> float:
+    """When the work of a finishing run began: its kernel's start in a stage kernel (what the runner timed
+    before: members of a group share it), else the run's own training start."""
+    if "ipykernel" in sys.modules:
+        import psutil
+
+        return psutil.Process().create_time()
+    return time.time() - float(metrics.get("train_seconds") or 0.0)
+
+
+def check_writable(runs: str | Path) -> None:
+    """Raise StoreError (one line: the folder and the fix) unless files can be created in the run store."""
+    path = Path(runs)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(
+            f"run store {runs}/ is not writable ({type(e).__name__}: {e.strerror or e}): "
+            "choose another --runs or fix its permissions"
+        ) from None
+
+
+def _unlocked(folder: Path):
+    """The folder's runner lock, taken, when no live runner holds it; else None."""
+    lock = RunLock(folder, RUNNER_LOCK)
+    return lock if lock.acquire(blocking=False) else None
+
+
+def tidy(runs: str | Path) -> list[str]:
+    """Clean what a runner killed mid-group left, where no live runner holds the lock -> what was done,
+    one phrase each: stale partial notebooks removed, group folders left with no notebook removed, a
+    finished run's missing provenance.json written (marked recovered), and group.json files that point at
+    a missing notebook pointed at the group's failed notebook or removed."""
+    runs, done = Path(runs), []
+    for folder in sorted(runs.glob("groups/*/*")):
+        if folder.is_dir() and (lock := _unlocked(folder)):
+            try:
+                if (folder / PARTIAL).exists():
+                    (folder / PARTIAL).unlink()
+                    done.append(f"removed the partial notebook of {folder.relative_to(runs)}")
+                if (folder / "notebook.ipynb").exists() and (folder / "notebook-failed.ipynb").exists():
+                    (folder / "notebook-failed.ipynb").unlink()
+                    done.append(f"removed the failed notebook of an earlier attempt in {folder.relative_to(runs)}")
+                if not list(folder.glob("*.ipynb")):
+                    shutil.rmtree(folder, ignore_errors=True)
+                    done.append(f"removed {folder.relative_to(runs)} (no notebook)")
+            finally:
+                lock.release()
+    for record in sorted(runs.glob("*/*/params.json")):
+        if lock := _unlocked(record.parent):
+            try:
+                done += _tidy_run(RunFolder(record.parent), runs)
+            finally:
+                lock.release()
+    return done
+
+
+def _tidy_run(run: RunFolder, runs: Path) -> list[str]:
+    name, done = run.path.relative_to(runs), []
+    if (run / PARTIAL).exists():
+        (run / PARTIAL).unlink()
+        done.append(f"removed the partial notebook of {name}")
+    if run.is_done and not (run / "provenance.json").exists():
+        m, ended = run.metrics, (run / "metrics.json").stat().st_mtime
+        run.write_provenance(m, ended - float(m.get("train_seconds") or 0.0), ended, recovered=True)
+        done.append(f"wrote the missing provenance.json of {name} (recovered: machine and code as of now)")
+    if what := run.settle_notebooks():
+        done.append(f"{name}: {what}")
+    return done
 
 
 def states(plan: list, runs: str | Path) -> dict[str, str]:
