@@ -243,6 +243,7 @@ class _Book:
         self.cost = {r.id: max(1, image_steps(r)) for g in self.pending for r in g.runs}
         self.finished, self.bad, self.echo = set(done), set(), echo
         self.t0, self.spent = time.time(), 0  # image-steps of the runs finished so far
+        self.stopped = False
         self.bar = tqdm(total=self.total, desc="runs", disable=not progress_enabled())
 
     def ready(self, group: Group) -> Group | None | bool:
@@ -289,9 +290,12 @@ class _Book:
             self.progress(group)
 
     def stop(self) -> None:
-        """Ctrl-C: no more groups start; what was pending is counted as not started."""
-        self.summary.not_started = sum(len(g.runs) for g in self.pending)
-        self.pending = []
+        """Ctrl-C (a signal handler: it only sets a flag): no more groups start."""
+        self.stopped = True
+
+    def startable(self) -> list[Group]:
+        """The pending groups to try now; none once stopped."""
+        return [] if self.stopped else list(self.pending)
 
     def progress(self, group: Group) -> None:
         """One line per finished group when no bar is shown: runs done / total and the time left, estimated
@@ -424,8 +428,8 @@ def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
     free = _gpu_slots(ex.device, workers)
     with _kernel_threads(ex.engine.threads), _ctrl_c(book), ThreadPoolExecutor(max_workers=workers) as pool:
         running: dict = {}
-        while book.pending or running:
-            for group in list(book.pending):
+        while (book.pending and not book.stopped) or running:
+            for group in book.startable():
                 members = book.ready(group)
                 if members is None:
                     book.pending.remove(group)
@@ -434,7 +438,8 @@ def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
                     slot = free.pop(0)
                     running[pool.submit(attempt_group, members, ex.on(slot))] = (members, slot)
             if not running:
-                if book.pending:  # cannot happen for a plan from grid.plan: parents always come first
+                # parents always come first in a plan from grid.plan: pending groups then cannot all wait
+                if book.pending and not book.stopped:
                     raise RuntimeError(
                         f"runs whose parents are not in the plan: {[g.describe() for g in book.pending]}"
                     )
@@ -444,6 +449,8 @@ def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
                 members, slot = running.pop(fut)
                 free.append(slot)
                 book.group_done(members, fut.result())
+    if book.stopped:
+        book.summary.not_started = sum(len(g.runs) for g in book.pending)
 
 
 def _execute_submitit(book: _Book, ex: Execution, executor: str, cluster: dict) -> None:
