@@ -208,7 +208,8 @@ class RunFolder:
 def _started(metrics: dict) -> float:
     """When the work of a finishing run began: its kernel's start in a stage kernel (what the runner timed
     before: members of a group share it), else the run's own training start."""
-    if "ipykernel" in sys.modules:
+    kernel_app = sys.modules.get("ipykernel.kernelapp")
+    if kernel_app is not None and kernel_app.IPKernelApp.initialized():  # this process is a kernel
         import psutil
 
         return psutil.Process().create_time()
