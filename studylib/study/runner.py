@@ -82,6 +82,8 @@ class Execution:
 
 
 def notebook_parameters(run: Run, runs: Path, device: str, cache: str) -> dict:
+    """A run's resolved parameters as its params.json holds them (written once, before its stage notebook runs,
+    which reads them there): the planned ones, the data cache, its folder, its parent's folder and the device."""
     params = dict(run.params)
     params["data"] = {**params["data"], "cache": cache}
     return {
@@ -92,17 +94,10 @@ def notebook_parameters(run: Run, runs: Path, device: str, cache: str) -> dict:
     }
 
 
-_SHARED = ("model", "data", "settings", "device")  # a group's common notebook parameters; the rest are per member
-
-
-def group_parameters(group: Group, runs: Path, device: str, cache: str, engine: dict | None) -> dict:
-    """The stage notebook's parameters for a group: the shared ones once, and `members` (one dict each)."""
-    each = [notebook_parameters(r, runs, device, cache) for r in group.runs]
-    members = [{k: v for k, v in p.items() if k not in _SHARED} for p in each]
-    if group.stage == "pretrain":  # pre-training takes no parent
-        for m in members:
-            m.pop("parent_dir")
-    return {**{k: each[0][k] for k in _SHARED}, "members": members, "engine": engine or {}}
+def group_parameters(group: Group, runs: Path, device: str, engine: dict | None) -> dict:
+    """The stage notebook's parameters for a group: its runs' folders (each run's settings are in its
+    params.json, not repeated here), the device and the engine."""
+    return {"run_dirs": [str(r.dir(runs).resolve()) for r in group.runs], "device": device, "engine": engine or {}}
 
 
 # The slowest training we expect, in image-steps per second, by model and device (several times below
@@ -138,11 +133,11 @@ def execute_group(group: Group, ex: Execution) -> None:
         d = run.dir(runs)
         d.mkdir(parents=True, exist_ok=True)
         RunFolder(d).write_record(run, notebook_parameters(run, runs, device, cache))
+    params = group_parameters(group, runs, device, engine)
     if len(group.runs) == 1:
-        params = {**notebook_parameters(group.runs[0], runs, device, cache), "engine": engine or {}}
         out = group.runs[0].dir(runs)
     else:
-        params, out = group_parameters(group, runs, device, cache, engine), group.dir(runs)
+        out = group.dir(runs)
         out.mkdir(parents=True, exist_ok=True)
         for run in group.runs:
             RunFolder(run.dir(runs)).write_group(group.id, out / "notebook.ipynb")
