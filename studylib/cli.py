@@ -54,10 +54,13 @@ def cmd_data_get(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from studylib.study import config, grid, store
+    from studylib.study import checks, config, grid, store
 
     cfg = config.load(args.params)
     plan = grid.plan(cfg)
+    checks.ensure(cfg, plan)  # every size and folder against the data that is there, before anything else
+    if args.power:
+        return print_power(cfg, plan, args)
     states = store.states(plan, args.runs)
     for r in plan:
         print(f"{states[r.id]:7s} {r.describe()}")
@@ -68,6 +71,19 @@ def cmd_plan(args) -> int:
         print(f"{stage}: {len(runs)} runs ({len(todo)} to do), {steps:,} image-steps to do")
     if args.estimate:
         print_estimate(cfg, [r for r in plan if states[r.id] != "done"], args.runs)
+    return 0
+
+
+def print_power(cfg, plan: list, args) -> int:
+    """Per part of every finding: the minimal detectable effect at 80% power with the study's seeds, the power
+    at the measured (or given, or the paper's) effect and the seeds that effect needs."""
+    import json
+
+    from studylib.analysis.power import format_power, power_table
+    from studylib.analysis.tables import collect
+
+    rows = power_table(cfg, collect(args.runs, plan), effect=args.effect)
+    print(json.dumps([r.to_dict() for r in rows], indent=1) if args.json else format_power(rows))
     return 0
 
 
@@ -100,18 +116,27 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from studylib.study import config, grid, runner
+    from studylib.study import checks, config, grid
 
     cfg = config.load(args.params)
     plan = grid.plan(cfg)
-    device = args.device or cfg.device
+    checks.ensure(cfg, plan)  # every size and folder against the data that is there, before anything trains
+    if args.until_decided:
+        return _run_until_decided(args, cfg)
     per_stage = ", ".join(f"{sum(r.stage == s for r in plan)} {s}" for s in grid.STAGES)
     print(f"{cfg.name}: {len(plan)} stage runs ({per_stage}) into {args.runs}/")
+    return _after_runs(args, cfg, plan, _execute(args, cfg, plan), args.params)
+
+
+def _execute(args, cfg, plan):
+    """Run the plan's unfinished runs as the file and the command line say -> the runner's Summary."""
+    from studylib.study import config, runner
+
     cache = str(Path(cfg.data.cache).resolve()) if cfg.data.cache else ""
     summary = runner.execute(
         plan,
         args.runs,
-        device=device,
+        device=args.device or cfg.device,
         cache=cache,
         workers=args.workers or cfg.workers,
         executor=args.executor or cfg.executor,
@@ -120,6 +145,47 @@ def cmd_run(args) -> int:
         engine=config.to_dict(cfg.engine),
     )
     print(summary.line())
+    return summary
+
+
+def _run_until_decided(args, cfg) -> int:
+    """Rounds of seeds with a group-sequential look after each (studylib.study.rounds)."""
+    from studylib.analysis.sequential import boundary_text
+    from studylib.analysis.tables import collect
+    from studylib.study import grid, rounds
+
+    max_seeds = args.max_seeds or max(16, len(cfg.grid.seeds))
+    print(
+        f"{cfg.name}: until decided, {len(cfg.grid.seeds)} seeds then {args.round_seeds} per round, at most "
+        f"{max_seeds}{f', budget {args.budget / 60:.0f} min' if args.budget else ''}; boundary: "
+        f"{boundary_text(max_seeds)}"
+    )
+    state = {}
+
+    def run_round(round_cfg):
+        state["plan"] = grid.plan(round_cfg)
+        print(f"round of {len(round_cfg.grid.seeds)} seeds: {len(state['plan'])} stage runs")
+        return _execute(args, round_cfg, state["plan"])
+
+    outcome = rounds.until_decided(
+        cfg, run_round, lambda c: collect(args.runs, grid.plan(c)), max_seeds, args.round_seeds, args.budget
+    )
+    if outcome.decision is not None:
+        print("\n" + outcome.decision.report())
+        print(f"looks and verdicts: {rounds.write_report(args.runs, cfg.name, outcome)}")
+    if outcome.reason == "budget" and outcome.decision is None:
+        print("study: error: the budget ended before the first look", file=sys.stderr)
+        return 1
+    n = outcome.n or len(cfg.grid.seeds)
+    params = rounds.write_params(args.params, cfg, n, args.runs)
+    print(f"the study's parameters with its {n} seeds: {params}")
+    round_cfg = rounds.with_seeds(cfg, n)
+    return _after_runs(args, round_cfg, grid.plan(round_cfg), outcome.summary, str(params))
+
+
+def _after_runs(args, cfg, plan, summary, params: str) -> int:
+    """What a finished `study run` prints and writes: the tables, the findings, the results notebook, and the
+    next step that fits what happened."""
     again = _run_again(args)
     if summary.interrupted or summary.not_started:
         print(_interrupted_line(summary, again), file=sys.stderr)
@@ -131,7 +197,7 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
         return _list_failed(summary, args.runs)
-    from studylib.analysis.claims import claims_all_arms, claims_display
+    from studylib.analysis.claims import claims_summary
     from studylib.analysis.render import format_tables
     from studylib.analysis.tables import collect
     from studylib.analysis.vocabulary import select
@@ -140,22 +206,18 @@ def cmd_run(args) -> int:
     print()
     print(format_tables(df))
     if len(df):
-        print("\nthe paper's findings on these runs (mIoU; `study results` has the intervals and the rest):")
-        print(
-            claims_display(claims_all_arms(select(df), "miou"))[["claim", "verdict", "effect", "ci95"]].to_string(
-                index=False
-            )
-        )
+        print("\nthe paper's findings on these runs (mIoU; `study results` has every number):")
+        print(claims_summary(select(df), "miou").to_string(index=False))
     if not args.no_notebook:
         from studylib.study.execution import NotebookTimeout
 
         try:
-            out = write_results_notebook(args.runs, args.params, cfg.name, cfg.timeouts.cell)
+            out = write_results_notebook(args.runs, params, cfg.name, cfg.timeouts.cell)
             print(f"\nresults notebook: {out}")
         except NotebookTimeout as e:
             print(
                 f"study: error: the results notebook did not finish: {e} The runs are finished and kept; "
-                f"`study results {args.params}` prints the same tables.",
+                f"`study results {params}` prints the same tables.",
                 file=sys.stderr,
             )
             return 1
@@ -163,8 +225,8 @@ def cmd_run(args) -> int:
         print(f"next: fix the failed runs (each one's error.json), then `{again}`: finished runs are kept")
         return _list_failed(summary, args.runs)
     print(
-        f"next: `study geometry {args.params}` measures the encoders' patch tokens, then "
-        f"`study report {args.params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} "
+        f"next: `study geometry {params}` measures the encoders' patch tokens, then "
+        f"`study report {params}` writes {Path(args.runs) / f'report-{cfg.name}.html'} "
         "(make study does both)"
     )
     return 0
@@ -248,6 +310,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """'30m', '2h', '90s' or a number of seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 30m, 2h or 90s") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="study", description="The ViNy self-supervised learning study.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,6 +358,14 @@ def parser() -> argparse.ArgumentParser:
                 help="predicted wall time per stage from this device's bench rates in RUNS/bench "
                 "(`study bench` runs first when there are none)",
             )
+            s.add_argument(
+                "--power",
+                action="store_true",
+                help="per part of every finding: the smallest effect the study's seeds detect with 80%% power, the "
+                "power at the measured (else --effect, else the paper's) effect and the seeds it needs",
+            )
+            s.add_argument("--effect", type=float, help="with --power: the effect to size for, in each part's unit")
+            s.add_argument("--json", action="store_true", help="with --power: a JSON list of objects")
         if name == "run":
             s.add_argument("--device", choices=["auto", "cpu", "cuda"])
             s.add_argument("--workers", type=int, help="stage runs at once (default: the file's `workers`)")
@@ -296,6 +375,15 @@ def parser() -> argparse.ArgumentParser:
                 help="where runs execute (default: the file's `executor`)",
             )
             s.add_argument("--no-notebook", action="store_true", help="skip the executed results notebook")
+            s.add_argument(
+                "--until-decided",
+                action="store_true",
+                help="add seeds in rounds until every part of every finding is decided (a group-sequential "
+                "boundary keeps each part's false-'supported' rate at 2.5%%), --max-seeds is reached or --budget ends",
+            )
+            s.add_argument("--budget", type=_duration, default=0.0, help="with --until-decided: e.g. 30m, 2h, 90s")
+            s.add_argument("--max-seeds", type=int, help="with --until-decided: the most seeds (default 16)")
+            s.add_argument("--round-seeds", type=int, default=2, help="with --until-decided: seeds added per round")
         s.set_defaults(fn=fn)
 
     s = sub.add_parser(
@@ -360,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return rc
     except (ParamError, DataError, StoreError, FileNotFoundError, FileExistsError) as e:
-        print(f"study: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():  # a plan's problems come all at once, one per line
+            print(f"study: error: {line}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `study plan ... | head`: the reader went away; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the unflushed rest goes nowhere at exit
