@@ -85,6 +85,17 @@ def _encoder(model: str, parent_dir: str, seed: int, init: str = "trunc_normal")
     return build_encoder(model, init)
 
 
+def _head_seeded(seed: int) -> None:
+    """Seed the global generator for a task head's init, whatever the encoder's making drew before it.
+    Common random numbers: every arm of one seed (a fresh encoder under any init, or a parent's) starts
+    its head from the same weights, so the paired differences the findings test carry the arms' effect,
+    not a different head draw (recipe 2 of the intermediate and segment stages; see study.identity)."""
+    torch.manual_seed(seed + HEAD_SEED_OFFSET)
+
+
+HEAD_SEED_OFFSET = 7_919  # a head's stream is not the encoder's: seed s and s + offset never meet in one grid
+
+
 @torch.no_grad()
 def _batched(fn, n: int, bs: int = EVAL_BATCH):
     for i in range(0, n, bs):
@@ -271,6 +282,7 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
     train, test, classes, train_y, test_y = _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream)
     K = len(classes)
     norm = A.normalize if s.normalize else (lambda x: x)  # the Table-2 spatial recipe: raw inputs
+    _head_seeded(seed)
     task = PatchClassifier(enc, K, s.init) if arm == "spatial" else Classifier(enc, K, s.init)
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
@@ -367,6 +379,7 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
     run_dir, dev, paths = run_folder(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
     train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
+    _head_seeded(seed)
     task = Segmenter(enc, len(PET_CLASSES), s.init)
     # the paper froze one random augmentation per image for all epochs (and the test set)
     frozen = (
