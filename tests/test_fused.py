@@ -263,3 +263,49 @@ def test_a_member_with_a_nan_loss_leaves_the_others_untouched(tmp_path):
         for n, p in fused.params.items():
             assert p[i].isfinite().all(), n
             assert_close(p[i], clean.params[n][j], **TOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------ bf16 autocast
+
+
+def _leaf_dtypes(root: nn.Module, run) -> dict[str, str]:
+    """{leaf module name: the dtype of its output} while `run()` calls the module tree `root` belongs to."""
+    seen: dict[str, str] = {}
+
+    def hook(name):
+        def record(module, args, out):  # returns None: a hook's value would replace the output
+            seen.setdefault(name, str(out.dtype))
+
+        return record
+
+    hooks = [m.register_forward_hook(hook(name)) for name, m in root.named_modules() if not list(m.children())]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_bf16_autocast_covers_the_whole_fused_forward():
+    """Under autocast, every layer of the stacked forward computes in the dtype it has in a plain module:
+    bf16 after each Linear (biased ones too: under vmap the bias add used to promote to fp32 and leave the
+    rest of the block in fp32, GELU and all), fp32 in LayerNorm."""
+    torch.manual_seed(0)
+    members = [Segmenter(build_encoder("viny-tiny"), 3) for _ in range(2)]
+    x = torch.randn(2, B, 3, 64, 64)
+    plain = _leaf_dtypes(members[0], lambda: members[0](x[0]))
+    fused = Fused(members, CPU)
+    stacked = _leaf_dtypes(fused.template, lambda: fused.losses(lambda net, xb: net(xb).float().mean(), x))
+    norms = {n for n, m in fused.template.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert "torch.bfloat16" in plain.values() and set(stacked) == set(plain)
+    assert {n: d for n, d in stacked.items() if n not in norms} == {n: d for n, d in plain.items() if n not in norms}
+    # LayerNorm stays fp32, autocast's policy on CUDA (the CPU's mixed-dtype kernel would give bf16 for a bf16
+    # input; vmap's decomposition computes in fp32, and the next op adds an fp32 residual either way)
+    assert {stacked[n] for n in norms} == {"torch.float32"}
+    # the cast is differentiable: the fp32 leaves get their gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused.losses(lambda net, xb: net(xb).float().mean(), x).sum().backward()
+    cast = [fused.params[n] for n in fused._matmul_leaves]
+    assert cast and all(p.grad is not None and p.grad.dtype == torch.float32 for p in cast)

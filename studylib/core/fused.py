@@ -16,6 +16,7 @@ from its members' checkpoints.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -68,7 +69,31 @@ class Fused:
         # timm's Dropout(p=0) layers call dropout; it returns before drawing (torch 2.14), but "different"
         # does not rely on that, and should a member ever draw, members draw independently, as separate runs do
         with sdpa_kernel(self.attention):
-            return vmap(member, randomness="different")(self.params, self.buffers, *batch)
+            return vmap(member, randomness="different")(self._autocast_params(), self.buffers, *batch)
+
+    def _autocast_params(self) -> dict[str, torch.Tensor]:
+        """The leaves as the forward sees them. Under autocast, the weights and biases of the matmul layers
+        (Linear, Conv) are cast to its dtype here, as autocast casts them for a plain module: under vmap a
+        biased Linear is decomposed into a matmul (autocast: bf16) and a bias add that an fp32 bias would
+        promote to fp32, so everything after the first biased Linear ran in fp32. The cast is differentiable:
+        the gradients reach the fp32 leaves the optimizer holds."""
+        device_type = next(iter(self.params.values())).device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self.params
+        dtype = torch.get_autocast_dtype(device_type)
+        return {n: p.to(dtype) if n in self._matmul_leaves else p for n, p in self.params.items()}
+
+    @functools.cached_property
+    def _matmul_leaves(self) -> frozenset[str]:
+        """The names of the Linear and Conv layers' floating-point parameters (autocast's lower-precision ops)."""
+        kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        return frozenset(
+            f"{prefix}.{name}" if prefix else name
+            for prefix, module in self.template.named_modules()
+            if isinstance(module, kinds)
+            for name, p in module.named_parameters(recurse=False)
+            if p.is_floating_point()
+        )
 
     @torch.no_grad()
     def write_back(self, tasks: list[nn.Module]) -> None:
