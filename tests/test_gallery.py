@@ -112,5 +112,25 @@ def test_browser_slider_follows_the_test_set_and_controls_redraw(tmp_path, fake_
     assert drawn[-1] == (30, ORDER)
     arms.value = ("scratch", "mim + spatial")
     assert drawn[-1] == (30, ["scratch", "mim + spatial"])
+    row = next(r for r in box.children if slider in getattr(r, "children", ()))
+    count = next(w for w in row.children if isinstance(w, W.Label) and "test images" in w.value)
+    assert count.value == "of 37 test images (0 to 36)"
     _find(box, W.Dropdown, "fine-tune").value = 32  # a test set of 20 images: the slider follows it
     assert slider.max == 19 and slider.value == 19 and drawn[-1][0] == 19
+    assert count.value == "of 20 test images (0 to 19)"
+
+
+def test_gallery_opens_where_the_best_arm_segments_best(tmp_path, fake_predictions):
+    """Not on the fewest labels (every arm predicts coarse blocks there): on the cell whose best arm has the
+    highest mean mIoU; equal bests are broken by the larger spread of the arms."""
+    import ipywidgets as W
+
+    df = _frame(tmp_path, {16: 16, 32: 16})
+    more = (df.finetune_size == 32) & (df.intermediate == "spatial")
+    df.loc[more, "miou"] = 70.0
+    assert gallery.telling_cell(df) == (32, 32, 0)
+    box = gallery.browse(df)
+    assert _find(box, W.Dropdown, "fine-tune").value == 32
+    df.loc[more, "miou"] = 50.0
+    df.loc[(df.finetune_size == 16) & (df.intermediate == "intel"), "miou"] = 40.0  # same best, wider spread
+    assert gallery.telling_cell(df) == (32, 16, 0)

@@ -308,6 +308,33 @@ def table2(reports_: list[dict], layer: int = -1, largest: int | None = None) ->
     return agg.rename(columns=TABLE2_COLUMNS)
 
 
+#: how Table 2's display names its index levels
+DISPLAY_KEYS = {"protocol": "protocol", "name": "encoder", "pretrain_size": "pre-training images", "layer": "layer"}
+
+
+def table2_display(table: pd.DataFrame, position_chance_pct: float | None = None) -> pd.DataFrame:
+    """table2 (or by_layer) for reading, its numbers unchanged: the index as plain columns named for people
+    ('encoder', 'pre-training images'), rows in encoder order (scratch, mim, mim + <arm>) then size; the
+    paper's columns dropped when none of its values applies (no encoder of the largest size); with
+    `position_chance_pct`, the position probe's header gives its chance level."""
+    from studylib.analysis.vocabulary import arm_rank
+
+    if table.empty:
+        return table
+    out = table.reset_index().rename(columns=DISPLAY_KEYS)
+    paper = [c for c in out.columns if str(c).startswith(PAPER_GEOMETRY_LABEL)]
+    out = out.drop(columns=[c for c in paper if out[c].isna().all()])
+    if position_chance_pct is not None:
+        name = TABLE2_COLUMNS["position_probe_pct"]
+        out = out.rename(columns={name: f"{name} (chance {position_chance_pct:.1f}%)"})
+
+    def rank(name: str) -> tuple:
+        return (0, ()) if name == "scratch" else (1, ()) if name == "mim" else (2, arm_rank(name[6:]))
+
+    order = sorted(range(len(out)), key=lambda i: (rank(out["encoder"].iloc[i]), i))
+    return out.iloc[order].reset_index(drop=True)
+
+
 def token_umap(
     encoder, images, masks, names: list[str], layer: int = -1, n_neighbors: int = 15, seed: int = 0
 ) -> pd.DataFrame:

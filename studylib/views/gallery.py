@@ -9,7 +9,7 @@ from functools import lru_cache
 import pandas as pd
 import torch
 
-from studylib.analysis.vocabulary import arm_rank, encoder_name
+from studylib.analysis.vocabulary import encoder_name
 from studylib.core.augment import normalize, to_float
 from studylib.core.metrics import PET_CLASS_NAMES, confusion_matrix, paper_miou, pixel_accuracy
 from studylib.data.sources import resolve_data
@@ -17,18 +17,11 @@ from studylib.data.splits import segmentation_split
 from studylib.study.config import SegmentConfig, build
 from studylib.study.stages import predict_classes
 from studylib.study.store import RunFolder
+from studylib.views.style import encoder_rank
 
 CHUNK = 16  # test images predicted at a time: paging through 1000 test images costs one chunk per page
 PANEL = 180  # px per (square) image panel: room for a title line like "this image: mIoU 71.2%"
 _loaded: set = set()  # (run dir, start) of the chunks predicted so far: a redraw without them is cheap
-
-
-def encoder_rank(name: str) -> tuple:
-    """Sort key of encoder names (vocabulary.encoder_name): 'scratch', 'mim', then 'mim + <arm>' in
-    vocabulary.ARMS order (vocabulary.arm_rank), so every picture shows the arms in one order."""
-    if name in ("scratch", "mim"):
-        return (("scratch", "mim").index(name), ())
-    return (2, arm_rank(name.removeprefix("mim + ")))
 
 
 def encoder_choices(df: pd.DataFrame) -> list[str]:
@@ -86,6 +79,26 @@ def image_scores(pred: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
     background and boundary, a class absent from both counting 0) and its pixel accuracy, in %."""
     true, classes = true.long(), len(PET_CLASS_NAMES)
     return 100 * paper_miou(pred, true, classes), 100 * float(pixel_accuracy(confusion_matrix(pred, true, classes)))
+
+
+def telling_cell(df: pd.DataFrame) -> tuple[int, int, int]:
+    """The (pre-training size, fine-tune size, seed) the gallery opens on: the cell whose best arm has the
+    highest mean mIoU over seeds (there the pets' outlines show, so the arms' differences can be seen;
+    with the fewest labels every arm predicts coarse blocks), the largest spread of the arms' mIoU breaking
+    ties, then the smaller sizes; the smallest seed that cell has."""
+    named = df.assign(encoder=[encoder_name(p, i) for p, i in zip(df.pretrain_size, df.intermediate)])
+    means = named.groupby(["encoder", "pretrain_size", "finetune_size"])["miou"].mean()
+    pretrained = sorted(set(df.pretrain_size) - {0}) or [0]
+    best = None
+    for p in pretrained:
+        for f in sorted(set(df.finetune_size)):
+            found = [v for (e, q, g), v in means.items() if g == f and (q == p or e == "scratch")]
+            score = (max(found), max(found) - min(found)) if found else (-1.0, 0.0)
+            if best is None or score > best[0]:
+                best = (score, p, f)
+    _, p, f = best
+    seeds = named[(named.finetune_size == f) & ((named.pretrain_size == p) | (named.encoder == "scratch"))].seed
+    return int(p), int(f), int(seeds.min())
 
 
 def selected(df: pd.DataFrame, arms: list[str], finetune_size: int, seed: int, pretrain_size: int) -> pd.DataFrame:
@@ -149,25 +162,29 @@ def caption(rows: pd.DataFrame, n_test: int) -> str:
 
 def browse(df: pd.DataFrame):
     """ipywidgets: page through test images, pick encoders (vocabulary.encoder_name), pre-training size,
-    fine-tune size and seed. The figure redraws when a control is released; a label says when the
-    predictions of a run are being computed (the first look at a run or a page of 16 test images)."""
+    fine-tune size and seed; it opens on `telling_cell`, and a label beside the slider says how many test
+    images there are. The figure redraws when a control is released; a label says when the predictions
+    of a run are being computed (the first look at a run or a page of 16 test images)."""
     import ipywidgets as W
     from IPython.display import HTML, display
 
     if df.empty:
         return W.HTML("no finished segmentation runs yet: run `make study`")
     arms = encoder_choices(df)
+    pre, size, seed = telling_cell(df)  # not the fewest labels, where every arm predicts coarse blocks
     wide = {"description_width": "initial"}
     pick = {
         "arms": W.SelectMultiple(options=arms, value=tuple(arms), description="arms", rows=len(arms)),
         "pretrain_size": W.Dropdown(
-            options=sorted(set(df.pretrain_size) - {0}) or [0], description="pre-train", style=wide
+            options=sorted(set(df.pretrain_size) - {0}) or [0], value=pre, description="pre-train", style=wide
         ),
-        "finetune_size": W.Dropdown(options=sorted(set(df.finetune_size)), description="fine-tune", style=wide),
-        "seed": W.Dropdown(options=sorted(set(df.seed)), description="seed", style=wide),
+        "finetune_size": W.Dropdown(
+            options=sorted(set(df.finetune_size)), value=size, description="fine-tune", style=wide
+        ),
+        "seed": W.Dropdown(options=sorted(set(df.seed)), value=seed, description="seed", style=wide),
         "index": W.IntSlider(min=0, max=0, description="test image", continuous_update=False, style=wide),
     }
-    status, out = W.Label(), W.Output()
+    status, count, out = W.Label(), W.Label(), W.Output()
     quiet = []  # set while the slider's range is adjusted, so that it does not redraw on its own
 
     def settings():
@@ -180,6 +197,7 @@ def browse(df: pd.DataFrame):
             pick["index"].max = max(n - 1, 0)  # ipywidgets clamps the value
         finally:
             quiet.pop()
+        count.value = f"of {n:,} test images (0 to {max(n - 1, 0):,})"
         return n
 
     def draw(*_):
@@ -205,4 +223,4 @@ def browse(df: pd.DataFrame):
         w.observe(draw, names="value")
     draw()
     controls = list(pick.values())
-    return W.VBox([W.HBox(controls[:2]), W.HBox([*controls[2:], status]), out])
+    return W.VBox([W.HBox(controls[:2]), W.HBox([*controls[2:], count, status]), out])

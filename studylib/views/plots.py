@@ -8,10 +8,12 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from studylib.analysis.claims import POINTS
 from studylib.analysis.reference import PAPER_NAMES
 from studylib.analysis.vocabulary import METRICS, arm_label, arm_rank, encoder_name, layer_name
 from studylib.core.augment import IMAGENET_MEAN, IMAGENET_STD
 from studylib.core.model import patchify, unpatchify
+from studylib.views.style import encoder_colour, encoder_rank, size_axis, size_text
 
 # trimap classes: pet, background, boundary
 CLASS_COLOURS = np.array([[230, 120, 40], [40, 60, 110], [250, 240, 180]], dtype=np.uint8)
@@ -190,30 +192,21 @@ def training_curve(history: list[dict], title: str = "training loss") -> go.Figu
     return fig
 
 
-# the study's one arm vocabulary (vocabulary.encoder_name) gets one colour everywhere
-ARM_COLOURS = {
-    "scratch": "#7f7f7f",
-    "mim": "#1f77b4",
-    "mim + intel": "#d62728",
-    "mim + pets-breeds": "#9467bd",
-    "mim + spatial": "#2ca02c",
-}
 _SIZE_DASH = ("solid", "dash", "dot", "dashdot")  # largest pre-training size first
-
-
-def arm_colour(encoder: str) -> str:
-    return ARM_COLOURS.get(encoder, "#8c564b")
+FINETUNE_AXIS = "labelled fine-tune images (log scale)"
 
 
 def _curve_traces(s: pd.DataFrame, legend: str, group: str) -> list[go.Scatter]:
     """One line per arm of a summary frame (tables.summary or the paper's): colour = the encoder
-    (vocabulary.encoder_name), dash = the pre-training size's rank (solid = the largest)."""
+    (vocabulary.encoder_name, style.encoder_colour), dash = the pre-training size's rank (solid = the
+    largest); each trace's meta names its encoder."""
     sizes = sorted({p for p in s.pretrain_size if p}, reverse=True)
     keys = sorted({(p, i) for p, i in zip(s.pretrain_size, s.intermediate)}, key=lambda k: (arm_rank(k[1]), k[0]))
     traces = []
     for p, inter in keys:
         sub = s[(s.pretrain_size == p) & (s.intermediate == inter)].sort_values("finetune_size")
         dash = _SIZE_DASH[min(sizes.index(p), len(_SIZE_DASH) - 1)] if p else "solid"
+        encoder = encoder_name(p, inter)
         traces.append(
             go.Scatter(
                 x=sub.finetune_size,
@@ -223,7 +216,8 @@ def _curve_traces(s: pd.DataFrame, legend: str, group: str) -> list[go.Scatter]:
                 name=arm_label(p, inter),
                 legend=legend,
                 legendgroup=group,
-                line=dict(color=arm_colour(encoder_name(p, inter)), dash=dash),
+                line=dict(color=encoder_colour(encoder), dash=dash),
+                meta=dict(encoder=encoder),
             )
         )
     return traces
@@ -236,7 +230,7 @@ def scaling_curves(
     (colour = encoder: scratch, mim, mim + intel, ...; dash = pre-training size, solid the largest),
     error bars = std over seeds (ddof 1). With paper (paper_frame()) and a metric the paper reports, the
     paper's curves sit in a second panel on the same y axis: the demo's sizes (tens of images) and the
-    paper's (thousands) never overlap on one x axis, so each panel spans its own sizes."""
+    paper's (thousands) never overlap on one x axis, so each panel spans its own sizes, ticked at them."""
     from studylib.analysis.tables import summary  # the stage notebooks import plots: keep scipy out
 
     s = summary(df, metric)
@@ -250,11 +244,13 @@ def scaling_curves(
         fig.add_trace(t.update(name=f"paper: {t.name}"), row=1, col=2)
     if s.empty:
         fig.add_annotation(text="no finished runs yet", xref="x domain", yref="y domain", x=0.5, y=0.5, showarrow=False)
-    fig.update_xaxes(type="log", title_text="labelled fine-tune images")
+    size_axis(fig, s.finetune_size, FINETUNE_AXIS, row=1, col=1)
+    if len(theirs):
+        size_axis(fig, theirs.finetune_size, FINETUNE_AXIS, row=1, col=2)
     fig.update_yaxes(title_text=name, col=1)
     below = dict(orientation="h", yanchor="top", y=-0.22, xanchor="left")
     fig.update_layout(
-        title=f"{name} against the number of labelled images",
+        title=f"{name} against labelled fine-tune images, one line per arm (error bars: std over seeds)",
         height=520,
         margin=dict(b=150),
         legend=dict(**below, x=0.0, title_text="this study"),
@@ -263,10 +259,13 @@ def scaling_curves(
     return fig
 
 
-def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the intermediate stage") -> go.Figure:
-    """A difference table (tables.intermediate_table, or gain_table) as a heatmap: arm (pre-training
-    size + intermediate arm) down, fine-tune size across, colour = difference in metric points (red
-    below 0, blue above, white at 0), text = difference and its 95% interval."""
+def intermediate_heatmap(table: pd.DataFrame, metric: str = "miou") -> go.Figure:
+    """The change an intermediate stage makes (tables.intermediate_table of `metric`) as a heatmap: arm
+    (pre-training size + intermediate arm) down, fine-tune size across, colour = the arm minus `mim` of the
+    same pre-training size (no intermediate stage), in points of the metric (red below 0, blue above, white
+    at 0; the scale symmetric about 0), text = difference and its 95% interval. The title names the metric
+    and the baseline."""
+    name, points = METRICS.get(metric, metric), POINTS.get(metric, f"{metric} points")
     fig = go.Figure()
     if table.empty:
         fig.add_annotation(
@@ -293,7 +292,7 @@ def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the inte
     fig.add_trace(
         go.Heatmap(
             z=z.to_numpy(),
-            x=[str(c) for c in z.columns],
+            x=[size_text(c) for c in z.columns],
             y=[str(i) for i in z.index],
             text=text.fillna("").to_numpy(),
             texttemplate="%{text}",
@@ -301,16 +300,21 @@ def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the inte
             zmid=0,
             zmin=-limit,
             zmax=limit,
-            colorbar=dict(title="points"),
+            colorbar=dict(title=f"{points}<br>(arm minus mim)"),
+            hovertemplate="%{y}, %{x} labelled images: %{z:+.2f} " + points + "<extra></extra>",
         )
     )
     fig.update_layout(
-        title=label,
+        title=dict(
+            text=f"Change in {name} with the intermediate stage<br><sup>each arm minus mim of the same "
+            "pre-training size (no intermediate stage); [95% interval]</sup>",
+        ),
         xaxis_title="labelled fine-tune images",
-        yaxis_title="arm",
+        yaxis_title="arm (pre-training images)",
         xaxis_type="category",
         yaxis_type="category",
-        height=120 + 70 * len(z),
+        height=170 + 70 * len(z),
+        margin=dict(t=90),
     )
     return fig
 
@@ -318,35 +322,62 @@ def intermediate_heatmap(table: pd.DataFrame, label: str = "change with the inte
 # ---------------------------------------------------------------- patch-token geometry
 
 
+def _sizes_text(sizes) -> str:
+    """'500 and 2,000' / '500, 1,000 and 2,000' / '2,000'."""
+    texts = [size_text(p) for p in sorted(sizes)]
+    return texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
+
+
 def cosine_curves(reports: list[dict], layer: int = -1, paper: dict | None = None) -> go.Figure:
-    """Mean token cosine against Manhattan distance on the patch grid, one line per encoder (mean
-    over seeds and pre-training sizes), at one layer; the paper's Fig. 5 curves dotted."""
+    """Mean token cosine against Manhattan distance on the patch grid, one line per encoder (mean over
+    its seeds and pre-training sizes, which the title and legend name), at one layer; the paper's Fig. 5
+    curves dotted in the colour of this study's counterpart (style.encoder_colour)."""
     curves: dict[str, list] = {}
+    sizes: dict[str, set] = {}
     for rep in reports:
         row = next((r for r in rep["per_layer"] if r["layer"] == layer), None)
         if row is not None:
-            curves.setdefault(rep["encoder"]["name"], []).append(row["cosine_by_distance"])
+            name = rep["encoder"]["name"]
+            curves.setdefault(name, []).append(row["cosine_by_distance"])
+            sizes.setdefault(name, set()).add(rep["encoder"].get("pretrain_size") or 0)
     fig = go.Figure()
-    for name, vals in curves.items():
-        d = reports[0]["distances"]
-        fig.add_trace(go.Scatter(x=d, y=np.mean(vals, axis=0), mode="lines+markers", name=name))
-    for theirs in PAPER_NAMES.values():
+    for name in sorted(curves, key=encoder_rank):
+        vals, pre = curves[name], sizes[name] - {0}
+        count = f"{len(vals)} encoder" + ("s" if len(vals) > 1 else "")
+        label = f"{name} (pre-training {_sizes_text(pre)}; {count})" if pre else f"{name} ({count})"
+        fig.add_trace(
+            go.Scatter(
+                x=reports[0]["distances"],
+                y=np.mean(vals, axis=0),
+                mode="lines+markers",
+                name=label,
+                line=dict(color=encoder_colour(name)),
+                meta=dict(encoder=name),
+            )
+        )
+    for ours, theirs in PAPER_NAMES.items():
         if paper and theirs in paper:
             fig.add_trace(
                 go.Scatter(
                     x=list(range(1, len(paper[theirs]) + 1)),
                     y=paper[theirs],
                     mode="lines",
-                    name=f"paper: {theirs}",
-                    line=dict(dash="dot"),
-                    opacity=0.7,
+                    name=f"paper: {theirs} (= {ours}, 200k)",
+                    line=dict(dash="dot", color=encoder_colour(ours)),
+                    meta=dict(encoder=ours),
                 )
             )
+    pre = set().union(*sizes.values()) - {0} if sizes else set()
+    where = "the output (final normed tokens)" if layer == -1 else layer_name(layer)
+    mean = f"; each line the mean over seeds and pre-training sizes {_sizes_text(pre)}" if len(pre) > 1 else ""
     fig.update_layout(
-        xaxis_title="Manhattan distance on the patch grid",
-        yaxis_title="mean cosine similarity",
-        height=380,
-        title=f"token similarity against distance (layer {layer})",
+        xaxis_title="Manhattan distance on the patch grid (patches)",
+        yaxis_title="mean cosine similarity of token pairs",
+        height=420,
+        title=dict(
+            text=f"Token similarity against grid distance at {where}<br><sup>dotted: the paper's Fig. 5{mean}</sup>"
+        ),
+        margin=dict(t=80),
     )
     return fig
 
@@ -356,21 +387,51 @@ def _patch_box(grid: int, size: int, row: int, col: int) -> dict:
     return dict(x0=col * step - 0.5, x1=(col + 1) * step - 0.5, y0=row * step - 0.5, y1=(row + 1) * step - 0.5)
 
 
+REFERENCE_ORDER = ("background", "pet", "boundary")  # the maps' (and the numbers') order
+MAP_PANEL, MAP_GAP, MAP_BAR = 210, 24, 90  # px: a reference-map panel, the gap between, the colour bar's room
+
+
 def reference_maps(report: dict, layer: int = -1, image: np.ndarray | None = None) -> go.Figure:
-    """Cosine similarity of a reference patch (background corner, pet interior, boundary) to every
+    """Cosine similarity of each reference patch (background corner, pet interior, boundary) to every
     patch of the same image, beside that image (uint8 [H, W, 3], when given) with the reference patches
-    outlined; square cells, one shared colour bar."""
+    outlined and numbered as the maps' titles number them; square panels MAP_PANEL px wide placed in
+    pixels, so the two-line titles fit whatever the number of maps; one shared colour bar."""
     row = next(r for r in report["per_layer"] if r["layer"] == layer)
-    maps, patches = row["reference"]["maps"], row["reference"].get("patches", {})
-    titles = (["the image"] if image is not None else []) + [f"similarity to the {n} patch" for n in maps]
-    fig = make_subplots(rows=1, cols=max(1, len(titles)), subplot_titles=titles or ["no reference patches"])
+    found, patches = row["reference"]["maps"], row["reference"].get("patches", {})
+    order = [n for n in REFERENCE_ORDER if n in found] + [n for n in found if n not in REFERENCE_ORDER]
+    maps = {n: found[n] for n in order}
+    number = {name: k for k, name in enumerate(maps, 1)}
+    titles = (["the image<br>(reference patches outlined)"] if image is not None else []) + [
+        f"similarity to patch {number[n]}<br>({n})" for n in maps
+    ]
+    n = max(1, len(titles))
+    plot_w = n * MAP_PANEL + (n - 1) * MAP_GAP
+    fig = make_subplots(
+        rows=1,
+        cols=n,
+        subplot_titles=titles or ["no reference patches"],
+        horizontal_spacing=MAP_GAP / plot_w,
+    )
+    for a in fig.layout.annotations:
+        a.font.size = 13
     first = 1
     if image is not None:
         fig.add_trace(go.Image(z=image, hoverinfo="skip"), row=1, col=1)
         for name, index in ((n, p) for n, p in patches.items() if n in maps and isinstance(p, int)):
             r, c = divmod(index, len(maps[name]))  # patches are flat indices on the grid, row-major
-            fig.add_shape(
-                type="rect", **_patch_box(len(maps[name]), image.shape[0], r, c), line_color="red", row=1, col=1
+            box = _patch_box(len(maps[name]), image.shape[0], r, c)
+            fig.add_shape(type="rect", **box, line=dict(color="red", width=2), row=1, col=1)
+            fig.add_annotation(  # beside the box, on its row: clear of the panel's title above the image
+                text=f"<b>{number[name]}</b>",
+                x=box["x1"] + 1,
+                y=(box["y0"] + box["y1"]) / 2,
+                xanchor="left",
+                yanchor="middle",
+                showarrow=False,
+                font=dict(color="red", size=13),
+                bgcolor="rgba(255,255,255,0.8)",
+                row=1,
+                col=1,
             )
         first = 2
     for c, grid in enumerate(maps.values(), first):
@@ -382,7 +443,7 @@ def reference_maps(report: dict, layer: int = -1, image: np.ndarray | None = Non
                 colorscale="RdBu",
                 reversescale=True,
                 showscale=c == first,
-                colorbar=dict(title="cosine"),
+                colorbar=dict(title="cosine", len=0.9),
                 hovertemplate="patch (%{y}, %{x}): %{z:.2f}<extra></extra>",
             ),
             row=1,
@@ -393,32 +454,55 @@ def reference_maps(report: dict, layer: int = -1, image: np.ndarray | None = Non
         fig.update_yaxes(scaleanchor=f"x{'' if c == 1 else c}", showticklabels=False, row=1, col=c)
         fig.update_xaxes(showticklabels=False, constrain="domain", row=1, col=c)
     enc = report["encoder"]
-    size = f", pre-training {enc['pretrain_size']}" if enc.get("pretrain_size") else ""
+    size = f", pre-training {size_text(enc['pretrain_size'])}" if enc.get("pretrain_size") else ""
+    seed = f", seed {enc['seed']}" if "seed" in enc else ""
     fig.update_layout(
-        height=300,
-        width=260 * max(1, len(titles)),
-        title=f"{enc['name']}{size}: similarity to a reference patch ({layer_name(layer)})",
+        height=MAP_PANEL + 150,
+        width=plot_w + 20 + MAP_BAR,
+        margin=dict(l=10, r=MAP_BAR, t=110, b=20),
+        plot_bgcolor="white",
+        title=dict(
+            text=f"{enc['name']}{size}{seed}: similarity of a reference patch to every patch "
+            f"<br><sup>{layer_name(layer)}; cosine of the token pair, -1 to 1</sup>",
+            x=0,
+            xanchor="left",
+        ),
     )
     return fig
 
 
 def cka_heatmap(report: dict) -> go.Figure:
-    """Linear CKA (minibatch, unbiased) between the layers of one encoder."""
+    """Linear CKA (minibatch, unbiased) between the layers of one encoder, which the title names, the
+    colours spanning the values found (they often lie close together near 1), each printed in its cell."""
     names = [layer_name(n) for n in report["cka"]["names"]]
+    z = np.asarray(report["cka"]["matrix"], dtype=float)
+    lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
+    lo = min(lo, hi - 0.01)  # a flat matrix still gets a scale
     fig = go.Figure(
         go.Heatmap(
-            z=report["cka"]["matrix"],
+            z=z,
             x=names,
             y=names,
-            zmin=0,
-            zmax=1,
+            zmin=lo,
+            zmax=hi,
             colorscale="Viridis",
             texttemplate="%{z:.2f}",
-            colorbar=dict(title="CKA"),
+            colorbar=dict(title="linear CKA"),
+            hovertemplate="%{y} and %{x}: CKA %{z:.3f}<extra></extra>",
         )
     )
+    enc = report["encoder"]
+    size = f", pre-training {size_text(enc['pretrain_size'])}" if enc.get("pretrain_size") else ""
+    seed = f", seed {enc['seed']}" if "seed" in enc else ""
     fig.update_layout(
-        height=380, width=480, yaxis_autorange="reversed", title=f"{report['encoder']['name']}: CKA between layers"
+        height=440,
+        width=540,
+        yaxis_autorange="reversed",
+        title=dict(
+            text=f"{enc['name']}{size}{seed}: CKA between layers<br><sup>colours span the values found, "
+            f"{lo:.2f} to {hi:.2f}</sup>",
+        ),
+        margin=dict(t=80),
     )
     return fig
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from studylib.analysis.claims import claims_all_arms, claims_display
+from studylib.analysis.claims import claims_summary, parts_all_arms
 from studylib.analysis.encoders import encoder_name_of, geometry_images, token_umap
 from studylib.analysis.reference import paper_frame
 from studylib.analysis.render import NO_RUNS
@@ -18,6 +18,7 @@ from studylib.analysis.vocabulary import METRICS, layer_name, protocols, select
 from studylib.core.model import build_encoder, load_encoder
 from studylib.study.grid import Run
 from studylib.study.store import RunFolder
+from studylib.views import style
 from studylib.views.plots import TOKEN_COLOURINGS, intermediate_heatmap, scaling_curves, token_marker, token_traces
 
 
@@ -48,21 +49,51 @@ def full_text(table: pd.DataFrame):
     )
 
 
+def findings(df: pd.DataFrame, metric: str = "miou"):
+    """The paper's findings tested on one protocol's runs (claims.claims_summary: every part on its own row,
+    effects with their units), formatted for people (style.table), titled with the metric; finding (c),
+    tested once per intermediate arm, names its arm ('c (intel)', 'c (spatial)')."""
+    table = claims_summary(df, metric)
+    arms = parts_all_arms(df, metric).arm  # claims_summary has a row per part, in this order
+    table["finding"] = [f"{f} ({a})" if f == "c" else f for f, a in zip(table.finding, arms)]
+    caption = f"The paper's findings tested on these runs, {METRICS.get(metric, metric)}: every part on its own row"
+    return style.table(table, caption=caption)
+
+
+def result_views(df: pd.DataFrame, metric: str = "miou", paper: pd.DataFrame | None = None) -> list:
+    """What the explorer shows for one protocol's runs and a metric: the scaling curves (the paper's beside
+    them), the intermediate-stage heatmap and the findings."""
+    paper = paper_frame() if paper is None else paper
+    return [
+        scaling_curves(df, metric, paper=paper),
+        intermediate_heatmap(intermediate_table(df, metric), metric),
+        findings(df, metric),
+    ]
+
+
+BATCH_NOTE = (
+    "*Batch run: no widget here. These are static copies of what the interactive explorer shows, for the "
+    "first protocol and mIoU; run this notebook in JupyterLab to pick the metric and protocol.*"
+)
+
+
 def explore(df: pd.DataFrame, interactive: bool = True):
     """JupyterLab explorer of the results: dropdowns for metric and protocol redraw the scaling curves
-    (the paper's in a second panel on the same y axis), the intermediate-stage heatmap and the claims
-    (finding c per intermediate arm); each (protocol, metric) is computed once. Returns the widget box (an
-    HTML note when there are no runs). With interactive=False (a batch run, where no frontend would show a
-    widget) it returns a note instead and builds no widget."""
-    if not interactive:
-        from IPython.display import Markdown
+    (the paper's in a second panel on the same y axis), the intermediate-stage heatmap and the findings
+    (every part on its own row, finding c per intermediate arm); each (protocol, metric) is computed once.
+    Returns the widget box (an HTML note when there are no runs). With interactive=False (a batch run or
+    the report, where no frontend would show a widget) it displays the same views, static, for the first
+    protocol and mIoU, under a note that says so, and builds no widget."""
+    from IPython.display import Markdown, display
 
-        return Markdown(
-            "*Batch run: the interactive explorer is built when this notebook is run in JupyterLab; "
-            "the static figures follow.*"
-        )
+    if not interactive:
+        if df.empty:
+            return Markdown(f"*{NO_RUNS}*")
+        display(Markdown(BATCH_NOTE))
+        for view in result_views(select(df), "miou"):
+            display(view)
+        return None
     import ipywidgets as widgets
-    from IPython.display import display
 
     if df.empty:
         return widgets.HTML(f"<i>{NO_RUNS}</i>")
@@ -72,12 +103,7 @@ def explore(df: pd.DataFrame, interactive: bool = True):
 
     def views(p: str, m: str) -> tuple:
         if (p, m) not in shown:
-            sub = select(df, p)
-            shown[p, m] = (
-                scaling_curves(sub, m, paper=paper),
-                intermediate_heatmap(intermediate_table(sub, m)),
-                full_text(claims_display(claims_all_arms(sub, m))),
-            )
+            shown[p, m] = result_views(select(df, p), m, paper)
         return shown[p, m]
 
     def draw(_=None):
@@ -107,7 +133,10 @@ class TokenExplorer:
         self.runs, self.plan = Path(runs).resolve(), plan
         self.fits: dict[tuple, pd.DataFrame] = {}  # (run id, layer, images) -> token_umap points
         self.images, self.masks = geometry_images(plan, None)  # the whole test split, decoded once
-        encoders = [r for r in plan if r.stage in ("pretrain", "intermediate") and RunFolder.of(r, self.runs).is_done]
+        encoders = sorted(
+            (r for r in plan if r.stage in ("pretrain", "intermediate") and RunFolder.of(r, self.runs).is_done),
+            key=_encoder_order,
+        )
         n = len(self.images)
         cfg = build_encoder(plan[0].params["model"]).cfg
         depth, self.tokens_per_image = cfg.depth, cfg.grid**2
@@ -122,7 +151,7 @@ class TokenExplorer:
         }
         self.pick["encoder"].layout.width = "480px"
         self.status = W.HTML()
-        self.figure = go.FigureWidget()
+        self.figure = go.FigureWidget(layout=dict(width=FIGURE_WIDTH, height=FIGURE_HEIGHT))
         for key in ("encoder", "layer", "images"):
             self.pick[key].observe(self.refit, names="value")
         self.pick["colour"].observe(self.recolour, names="value")
@@ -144,12 +173,18 @@ class TokenExplorer:
         run, layer, n = self.choice()
         return f"{_encoder_label(run)}: {layer_name(layer)} patch tokens of {n} test images (UMAP)"
 
+    def announce(self) -> bool:
+        """Show the busy line (and disable the controls) when the current choice needs a fit; True then."""
+        run, layer, n = self.choice()
+        if (run.id, layer, n) in self.fits:
+            return False
+        tokens = style.size_text(n * self.tokens_per_image)
+        self._busy(f"fitting a UMAP to {tokens} patch tokens of {_encoder_label(run)} ... (kept for later)")
+        return True
+
     def refit(self, *_):
         """The slow path: new points (cached after the first time), shown with a busy state."""
-        run, layer, n = self.choice()
-        cached = (run.id, layer, n) in self.fits
-        if not cached:
-            self._busy(f"fitting UMAP to {n * self.tokens_per_image} patch tokens ... (seconds; kept for later)")
+        cached = not self.announce()
         t0 = time.perf_counter()
         try:
             points = self.points()
@@ -174,7 +209,8 @@ class TokenExplorer:
         self.figure.update_layout(
             title=self.title(),
             legend_title=TOKEN_COLOURINGS[colour] if colour == "class" else None,
-            height=520,
+            width=FIGURE_WIDTH,
+            height=FIGURE_HEIGHT,
             xaxis_visible=False,
             yaxis_visible=False,
             margin=dict(t=60),
@@ -185,26 +221,47 @@ class TokenExplorer:
             w.disabled = message is not None
         self.status.value = f"<b>{message}</b>" if message else ""
 
-    def widget(self):
+    def widget(self, fit: bool = True):
+        """The controls, the status line and the figure in one box; fit=False leaves the first UMAP to the
+        caller (explore_tokens shows the box, with its busy line, before it fits)."""
         import ipywidgets as W
 
-        self.refit()
+        if fit:
+            self.refit()
         p = self.pick
         return _explorer(
             [W.HBox([p["encoder"], p["layer"]]), W.HBox([p["images"], p["colour"]]), self.status, self.figure]
         )
 
 
+FIGURE_WIDTH, FIGURE_HEIGHT = 1000, 600  # px: the token explorer's plot, most of JupyterLab's width at 1400 px
+
+
+def _encoder_order(run: Run) -> tuple:
+    """Sort key of encoder runs: encoder (style.encoder_rank: scratch, mim, mim + intel, ...), then
+    pre-training size, then seed."""
+    return (style.encoder_rank(encoder_name_of(run)), run.labels["pretrain_size"], run.params["seed"])
+
+
 def _encoder_label(run: Run) -> str:
-    """'mim + intel, pre-training 2000, seed 1': the encoder a run trained, whole."""
-    return f"{encoder_name_of(run)}, pre-training {run.labels['pretrain_size']}, seed {run.params['seed']}"
+    """'mim + intel, pre-training 2,000, seed 1': the encoder a run trained, whole."""
+    size = style.size_text(run.labels["pretrain_size"])
+    return f"{encoder_name_of(run)}, pre-training {size}, seed {run.params['seed']}"
 
 
 def explore_tokens(runs: str | Path, plan: list[Run]):
     """ipywidgets: pick an encoder, a layer, how many test images and the colouring; shows the UMAP of
-    their patch tokens (hover: image and patch). See TokenExplorer."""
+    their patch tokens (hover: image and patch). See TokenExplorer. The box is displayed first, its busy
+    line saying what is being fitted, and the first UMAP (seconds to tens of seconds) is fitted after, so
+    the cell is never blank while it runs; returns None (the box is already shown)."""
     import ipywidgets as W
+    from IPython.display import display
 
     if not any(r.stage in ("pretrain", "intermediate") and RunFolder.of(r, runs).is_done for r in plan):
         return W.HTML("<i>no finished encoders yet: run `make study`</i>")
-    return TokenExplorer(runs, plan).widget()
+    explorer = TokenExplorer(runs, plan)
+    box = explorer.widget(fit=False)
+    explorer.announce()
+    display(box)
+    explorer.refit()
+    return None
