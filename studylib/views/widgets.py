@@ -30,7 +30,7 @@ def _explorer_class():
         says what it is instead of printing the widget tree."""
 
         def __repr__(self) -> str:
-            return "[interactive explorer: run the notebook in JupyterLab to use it; static figures follow]"
+            return "[interactive explorer: run the notebook in JupyterLab to use it]"
 
     return Explorer
 
