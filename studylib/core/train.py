@@ -19,11 +19,12 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
@@ -48,6 +49,7 @@ class Schedule:
     gamma: float = 0.1
     decay_all: bool = False  # weight decay on every parameter (the authors), not only on weight matrices
     precision: str = "bf16"  # "bf16": autocast on a GPU that has bf16; "fp32": never
+    tf32: bool = False  # fp32 matmuls and convolutions as TF32 on a CUDA GPU (StageConfig.uses_tf32)
 
     def lr_at(self, epoch: int) -> float:
         """Step schedule: multiply by gamma at each milestone epoch (round(fraction * epochs))."""
@@ -97,6 +99,52 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+@contextmanager
+def tf32(device: torch.device, on: bool):
+    """TF32 for fp32 matmuls and convolutions on a CUDA GPU while the block runs (the flags restored after);
+    nothing on a CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = on
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # a fixed cuBLAS workspace: what deterministic cuBLAS needs (CUDA >= 10.2)
+
+
+def deterministic_setup(environ=None) -> None:
+    """Deterministic kernels everywhere, for bit-identical resumes on a GPU too. cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when CUDA creates its handle, so this must run before anything starts CUDA
+    (torch.cuda.is_available() does not); it refuses once CUDA has started without the variable."""
+    env = os.environ if environ is None else environ
+    if torch.cuda.is_initialized() and env.get("CUBLAS_WORKSPACE_CONFIG") not in (CUBLAS_WORKSPACE, ":16:8"):
+        raise RuntimeError(
+            "engine.deterministic: CUDA started before CUBLAS_WORKSPACE_CONFIG was set, so cuBLAS is not "
+            f"deterministic; set the engine before any GPU work, or export CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE}"
+        )
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy over class indices (logits [N, K, ...]), mean. Under deterministic algorithms on CUDA,
+    where NLL loss has no deterministic kernel (it refuses), the same loss from elementwise ops and sums:
+    equal up to float rounding. Elsewhere F.cross_entropy itself, so CPU numbers do not move."""
+    if not (logits.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.cross_entropy(logits, target)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+    return -(F.log_softmax(logits, dim=1) * onehot).sum(1).mean()
 
 
 @dataclass

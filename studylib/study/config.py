@@ -106,17 +106,25 @@ class StageConfig:
     init: str = "trunc_normal"  # paper ("torch"): PyTorch's default Linear init, standard-normal mask token
     decay_all: bool = False  # paper quirk (True): weight decay on every parameter, norms and biases too
     precision: str = "bf16"  # bf16 autocast on a GPU (fp32 on a CPU); paper: "fp32" everywhere
+    # TF32 matmuls and convolutions for what runs in fp32 on a CUDA GPU (nothing on a CPU): auto is on with
+    # precision bf16 (the clean protocol) and off with fp32 (the paper's: the authors ran plain fp32)
+    tf32: str = "auto"
 
     def __post_init__(self):
         check_types(self)
         one_of(self, "init", ("trunc_normal", "torch"))
         one_of(self, "precision", ("bf16", "fp32"))
+        one_of(self, "tf32", ("auto", "on", "off"))
         at_least(self, "epochs", 1)
         at_least(self, "batch_size", 1)
         positive(self, "lr")
         at_least(self, "weight_decay", 0.0)
         require(self, "milestones", all(0 < m <= 1 for m in self.milestones), "fractions of the epochs in (0, 1]")
         require(self, "gamma", 0 < self.gamma <= 1, "in (0, 1] (the factor lr is multiplied by at a milestone)")
+
+    def uses_tf32(self) -> bool:
+        """Whether fp32 matmuls may run as TF32 on a CUDA GPU (see `tf32`)."""
+        return self.tf32 == "on" or (self.tf32 == "auto" and self.precision == "bf16")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from studylib.core.fused_fit import fit_jobs
-from studylib.core.train import resolve_device
+from studylib.core.train import deterministic_setup, resolve_device, tf32
 from studylib.study import stages
 from studylib.study.config import EngineConfig, ParamError, build
 from studylib.study.lifecycle import Prepared, StageResult, run_folder
@@ -85,10 +85,10 @@ def run_group(stage: str, members: list[dict], engine: dict | None = None, **com
     (the default on a GPU) the members train as one stacked model, else one after another. A member that
     fails is recorded failed in its run folder (error.json) and the others go on."""
     e = build(EngineConfig, engine or {}, "engine")
+    if e.deterministic:  # before anything starts CUDA (cuBLAS reads its workspace setting then)
+        deterministic_setup()
     dev = resolve_device(common.get("device", "auto"))
     _set_threads(e.threads, dev)
-    if e.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
     imported = stage == "pretrain" and (common.get("settings") or {}).get("from_encoder")
     if e.fused(dev) and len(members) > 1 and not imported:
         return GroupResult(stage, _run_fused(stage, members, e, dev, common))
@@ -124,13 +124,17 @@ def _run_fused(stage: str, members: list[dict], e: EngineConfig, dev, common: di
         if todo:
             first = next(iter(todo.values()))
             jobs = [p.job for p in todo.values()]
-            logs = dict(zip(todo, fit_jobs(jobs, first.sched, dev, True, e.checkpoint_seconds, e.compile_mode(dev))))
+            with tf32(dev, first.sched.tf32):
+                logs = dict(
+                    zip(todo, fit_jobs(jobs, first.sched, dev, True, e.checkpoint_seconds, e.compile_mode(dev)))
+                )
         for d, p in prepared.items():
             log = logs.get(d, [])
             try:
                 if isinstance(log, Exception):
                     raise log
-                results[d] = p.finish(log)
+                with tf32(dev, p.sched.tf32):
+                    results[d] = p.finish(log)
             except Exception as err:
                 results[d] = _failed(d, err)
     return {m["run_dir"]: results[m["run_dir"]] for m in members}

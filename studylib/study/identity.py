@@ -36,26 +36,42 @@ class Rule:
     always: tuple[str, ...] = ()
     later: dict = field(default_factory=dict)  # field -> the value it is left out at (its default when added)
     never: tuple[str, ...] = ()  # execution only: never part of an id
+    base: Rule | None = None  # a rule for fields the section inherits (StageConfig's, in every stage), merged in
 
     def fields(self) -> set[str]:
-        return set(self.always) | set(self.later) | set(self.never)
+        own = set(self.always) | set(self.later) | set(self.never)
+        return own | (self.base.fields() if self.base else set())
 
+    def enters(self, name: str, value) -> bool:
+        """Whether a field at `value` is part of the id: `always`, or `later` and away from its recorded value."""
+        if self.base and name in self.base.fields():
+            return self.base.enters(name, value)
+        return name in self.always or (name in self.later and value != self.later[name])
+
+
+# fields every stage section inherits from StageConfig, added after ids were pinned. tf32 "auto" resolves per
+# precision: off under the paper's fp32, as every run before the setting computed; on under the clean protocol's
+# bf16, where only the fp32 parts of a GPU run move, by TF32 rounding (a GPU is not hashed)
+_STAGE_RULE = Rule(later={"tf32": "auto"})
 
 RULES = {
     "pretrain": Rule(
         always=_STAGE
         + ("mask_ratio", "mask_unit", "crop_scale", "cache_margin", "loss_per_masked_count", "norm_pix_loss"),
         later={"from_encoder": "", "from_encoder_sha256": ""},
+        base=_STAGE_RULE,
     ),
     "intermediate": Rule(
         always=_STAGE + ("mixup_alpha", "contrast", "frozen_augmentation", "share", "interpolation"),
         later={"normalize": True},
+        base=_STAGE_RULE,
         never=("arms",),  # resolved into each arm's own settings (IntermediateConfig.for_arm) before hashing
     ),
     "segment": Rule(
         always=_STAGE
         + ("contrast", "test_size", "normalize", "interpolation", "spatial_log_softmax", "split")
         + ("frozen_augmentation", "test_augmentation", "eval_log_softmax", "split_seed"),
+        base=_STAGE_RULE,
     ),
     "data": Rule(
         always=("kind", "root", "pets", "intel", "images", "skip_unreadable", "synth"),
@@ -112,7 +128,7 @@ def settings(section) -> dict:
         )
     rule = RULES[section.section]
     values = dataclasses.asdict(section)
-    return {k: v for k, v in values.items() if k in rule.always or (k in rule.later and v != rule.later[k])}
+    return {k: v for k, v in values.items() if rule.enters(k, v)}
 
 
 def data(section) -> dict:

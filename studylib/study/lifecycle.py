@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from studylib.core.fused_fit import fit_jobs
-from studylib.core.train import Job, Schedule
+from studylib.core.train import Job, Schedule, deterministic_setup, tf32
 from studylib.study.config import EngineConfig, build
 from studylib.study.locks import RunLock
 from studylib.study.store import STAGE_LOCK, RunFolder
@@ -86,12 +86,15 @@ def finisher(stage: str, folder: RunFolder, task, device, evaluate: Evaluation, 
 def train(p: Prepared, engine: dict | None) -> StageResult:
     """Train one prepared run (unless finished) and finish it."""
     e = build(EngineConfig, engine or {}, "engine")
+    if e.deterministic and not torch.are_deterministic_algorithms_enabled():  # a stage called by hand
+        deterministic_setup()
     history = []
-    if not p.finished:
-        (history,) = fit_jobs([p.job], p.sched, p.device, False, e.checkpoint_seconds, e.compile_mode(p.device))
-        if isinstance(history, Exception):
-            raise history
-    return p.finish(history)
+    with tf32(p.device, p.sched.tf32):
+        if not p.finished:
+            (history,) = fit_jobs([p.job], p.sched, p.device, False, e.checkpoint_seconds, e.compile_mode(p.device))
+            if isinstance(history, Exception):
+                raise history
+        return p.finish(history)
 
 
 def run_folder(run_dir: str) -> Path:

@@ -33,7 +33,7 @@ from studylib.core.model import (
     load_encoder,
     model_config,
 )
-from studylib.core.train import Job, Schedule, resolve_device
+from studylib.core.train import Job, Schedule, cross_entropy, resolve_device
 from studylib.data.decoded import load_image_set
 from studylib.data.readers import (
     PET_CLASSES,
@@ -74,7 +74,10 @@ def __getattr__(name: str):
 
 
 def _schedule(s) -> Schedule:
-    return Schedule(s.epochs, s.batch_size, s.lr, s.weight_decay, list(s.milestones), s.gamma, s.decay_all, s.precision)
+    milestones = list(s.milestones)
+    return Schedule(
+        s.epochs, s.batch_size, s.lr, s.weight_decay, milestones, s.gamma, s.decay_all, s.precision, s.uses_tf32()
+    )
 
 
 def _encoder(model: str, parent_dir: str, seed: int, init: str = "trunc_normal"):
@@ -303,7 +306,7 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
 
     def loss(net, x, y):
         if arm == "spatial":
-            return F.cross_entropy(net(x).float().flatten(0, 1), y.reshape(-1))
+            return cross_entropy(net(x).float().flatten(0, 1), y.reshape(-1))
         return torch.sum(-y * F.log_softmax(net(x).float(), dim=-1), dim=-1).mean()
 
     def evaluate():
@@ -396,7 +399,7 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
         logits = net(x).float()  # [B, K, H, W]
         if s.spatial_log_softmax:  # the authors' extra normalisation over the pixel axis
             logits = pixel_log_softmax(logits)
-        return F.cross_entropy(logits, y)
+        return cross_entropy(logits, y)
 
     def evaluate():
         test_aug = (
