@@ -72,7 +72,8 @@ def all_tables(df: pd.DataFrame, metrics: tuple = METRIC_ORDER) -> str:
             for s in render.sections(sub, m):
                 count += 1
                 unit = "labels" if s.index else ""  # the pivots' columns are fine-tune sizes
-                body = _table(s.display, empty=s.note or "nothing to show", columns_unit=unit)
+                shown = widgets.findings_frame(sub, m) if s.name == "claims" else s.display
+                body = _table(shown, empty=s.note or "nothing to show", columns_unit=unit)
                 inner.append(f"<h5>{html.escape(s.title)}</h5>{body}")
         note = render.machine_note(sub)
         summary = (

@@ -114,14 +114,13 @@ def table(frame: pd.DataFrame, digits: int = 3, columns_unit: str = "", caption:
             {"selector": "", "props": [("border-collapse", "collapse"), ("font-size", "0.9em")]},
             # headers wrap between words (Table 2 has ten long ones); cells stay on one line
             {"selector": "th", "props": [("text-align", "left"), ("padding", "3px 8px"), ("vertical-align", "bottom")]},
-            {
-                "selector": "td",
-                "props": [("padding", "3px 8px"), ("white-space", "nowrap"), ("vertical-align", "top")],
-            },
+            {"selector": "td", "props": [("padding", "3px 8px"), ("vertical-align", "top")]},
             {"selector": "caption", "props": [("caption-side", "top"), ("text-align", "left"), ("color", "#444")]},
         ]
     )
+    # per cell (a cell's own rule outranks none of the table's, so white-space is set here only)
     wrap = [c for c in out.columns if c in WRAP]
+    styler = styler.set_properties(subset=[c for c in out.columns if c not in WRAP], **{"white-space": "nowrap"})
     if wrap:
         styler = styler.set_properties(
             subset=wrap, **{"white-space": "normal", "min-width": "7em", "max-width": "22em"}

@@ -49,13 +49,18 @@ def full_text(table: pd.DataFrame):
     )
 
 
-def findings(df: pd.DataFrame, metric: str = "miou"):
-    """The paper's findings tested on one protocol's runs (claims.claims_summary: every part on its own row,
-    effects with their units), formatted for people (style.table), titled with the metric; finding (c),
-    tested once per intermediate arm, names its arm ('c (intel)', 'c (spatial)')."""
+def findings_frame(df: pd.DataFrame, metric: str = "miou") -> pd.DataFrame:
+    """claims.claims_summary (every part on its own row, effects with their units) with finding (c), tested
+    once per intermediate arm, naming its arm: 'c (intel)', 'c (spatial)'."""
     table = claims_summary(df, metric)
     arms = parts_all_arms(df, metric).arm  # claims_summary has a row per part, in this order
-    table["finding"] = [f"{f} ({a})" if f == "c" else f for f, a in zip(table.finding, arms)]
+    return table.assign(finding=[f"{f} ({a})" if f == "c" else f for f, a in zip(table.finding, arms)])
+
+
+def findings(df: pd.DataFrame, metric: str = "miou"):
+    """The paper's findings tested on one protocol's runs (findings_frame), formatted for people
+    (style.table), titled with the metric."""
+    table = findings_frame(df, metric)
     caption = f"The paper's findings tested on these runs, {METRICS.get(metric, metric)}: every part on its own row"
     return style.table(table, caption=caption)
 
