@@ -304,3 +304,54 @@ def test_position_probe_is_explained_when_it_saturates():
         for r in REPORTS
     ]
     assert "does not separate" not in report.position_note(unsaturated)
+
+
+# ------------------------------------------------------------------------------------- token explorer
+
+
+def test_token_explorer_lists_encoders_by_arm_size_and_seed():
+    from studylib.study.grid import Run
+
+    def run(p: int, arm: str | None, seed: int) -> Run:
+        labels = {"pretrain_size": p, **({"arm": arm} if arm else {})}
+        return Run("intermediate" if arm else "pretrain", {"seed": seed}, labels=labels)
+
+    runs = [run(2000, "spatial", 0), run(500, None, 1), run(2000, "intel", 0), run(500, None, 0), run(2000, None, 0)]
+    labels = [widgets._encoder_label(r) for r in sorted(runs, key=widgets._encoder_order)]
+    assert labels == [
+        "mim, pre-training 500, seed 0",
+        "mim, pre-training 500, seed 1",
+        "mim, pre-training 2,000, seed 0",
+        "mim + intel, pre-training 2,000, seed 0",
+        "mim + spatial, pre-training 2,000, seed 0",
+    ]
+
+
+def test_token_explorer_is_shown_busy_before_its_first_fit(monkeypatch):
+    """The cell shows the box, its busy line set, before the first UMAP is fitted (tens of seconds on a CPU),
+    not a blank cell until the fit is done."""
+    calls = []
+
+    class Explorer:
+        def __init__(self, runs, plan):
+            self.status = "idle"
+
+        def widget(self, fit=True):
+            calls.append(f"widget(fit={fit})")
+            return self
+
+        def announce(self):
+            self.status = "busy"
+            calls.append("announce")
+
+        def refit(self):
+            calls.append("refit")
+
+    class Done:
+        is_done = True
+
+    monkeypatch.setattr(widgets, "TokenExplorer", Explorer)
+    monkeypatch.setattr(widgets.RunFolder, "of", staticmethod(lambda run, runs: Done()))
+    monkeypatch.setattr("IPython.display.display", lambda box: calls.append(f"display({box.status})"))
+    assert widgets.explore_tokens("runs", [type("R", (), {"stage": "pretrain"})()]) is None
+    assert calls == ["widget(fit=False)", "announce", "display(busy)", "refit"]
