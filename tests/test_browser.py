@@ -19,9 +19,6 @@ pytest.importorskip("playwright.sync_api", reason="the playwright package is mis
 
 import lab  # noqa: E402  (tests/lab.py: the harness, shared with benchmarks/widget_latency.py)
 
-from studylib.analysis import encoders as analysis  # noqa: E402
-from studylib.study import config, grid, runner  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
 NOTEBOOKS = ("geometry.ipynb", "gallery.ipynb", "results.ipynb")
@@ -38,16 +35,12 @@ if lab.chromium() is None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A small finished store, as tests/test_report.py builds it: every smoke run and their geometry.
+def store(request):
+    """The session's smoke store with its geometry, as tests/test_report.py reads it (tests/conftest.py).
     BROWSER_TEST_STORE names one built before (a quicker loop while working on a notebook)."""
     if os.environ.get("BROWSER_TEST_STORE"):
         return Path(os.environ["BROWSER_TEST_STORE"]).resolve()
-    runs = tmp_path_factory.mktemp("runs")
-    plan = grid.plan(config.load(SMOKE))
-    assert runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None).ok
-    analysis.compute(runs, plan, n_images=32, echo=lambda *_: None)
-    return runs
+    return request.getfixturevalue("smoke_geometry").runs  # tests/conftest.py: built once per session
 
 
 @pytest.fixture(scope="module")

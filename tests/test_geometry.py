@@ -346,9 +346,8 @@ def test_patch_tokens_layers(tiny):
     assert set(tokens.patch_tokens(enc, images[:2])) == {0, 1, 2, 3, -1}
 
 
-def test_geometry_report_tiny_encoder(tiny):
-    enc, images, masks = tiny
-    r = geometry.geometry_report(enc, images, masks, layers=[0, -1])
+def test_geometry_report_tiny_encoder(tiny_report):
+    r = tiny_report  # tests/conftest.py: geometry_report of the tiny encoder, layers 0 and -1
     json.dumps(r)  # plain Python types only
     assert r["layers"] == [0, -1] and r["grid"] == 8 and r["num_images"] == 16 and r["dim"] == 64
     assert r["distances"] == list(range(1, 15))

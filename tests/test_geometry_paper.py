@@ -218,10 +218,11 @@ def tiny(tiny_encoder_images):
     return tiny_encoder_images  # tests/conftest.py
 
 
-def test_clean_settings_reproduce_the_earlier_report(tiny):
+def test_clean_settings_reproduce_the_earlier_report(tiny, tiny_report):
     enc, images, masks = tiny
-    r = geometry.geometry_report(enc, images, masks, layers=[0, -1], settings=GeometrySettings.for_protocol("clean"))
-    assert r["protocol"] == "clean" and r["settings"] == GeometrySettings().to_dict()
+    r = tiny_report  # tests/conftest.py: the report of this encoder under the default settings, layers 0 and -1
+    assert GeometrySettings.for_protocol("clean").to_dict() == GeometrySettings().to_dict() == r["settings"]
+    assert r["protocol"] == "clean"
     # the earlier report, function by function with its arguments (normalised inputs, population
     # variances, standardised AdamW probe on a 50% image split, majority-label reference patches)
     toks = tokens.patch_tokens(enc, images, [0, -1], normalize=True)

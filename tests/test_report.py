@@ -12,19 +12,15 @@ import pytest
 
 from studylib.analysis import encoders as analysis
 from studylib.analysis import reference
-from studylib.study import config, grid, runner
 from studylib.views import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    plan = grid.plan(config.load(ROOT / "params" / "smoke.yaml"))
-    assert runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None).ok
-    analysis.compute(runs, plan, n_images=32, echo=lambda *_: None)  # the smoke test split has 16
-    return runs, plan
+def study(smoke_geometry):
+    """The session's smoke store with its geometry (tests/conftest.py): read, never changed."""
+    return smoke_geometry.runs, smoke_geometry.plan
 
 
 def test_geometry_is_stored_for_every_encoder(study):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import papermill as pm
@@ -20,18 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
 
 
-@pytest.fixture(scope="module")
-def smoke_store(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    cfg = config.load(SMOKE)
-    plan = grid.plan(cfg)
-    summary = runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None)
-    return runs, plan, summary
-
-
 def test_smoke_study_runs_every_stage(smoke_store):
-    runs, plan, summary = smoke_store
-    assert summary.ok and len(summary.ran) == len(plan) == 1 + 2 + 4
+    """`study run params/smoke.yaml` into an empty store (tests/conftest.py) ran every run, failed none."""
+    runs, plan = smoke_store.runs, smoke_store.plan
+    assert len(plan) == 1 + 2 + 4
+    assert re.search(r"^7 ran, 0 already done, .*\b0 failed, 0 skipped", smoke_store.output, re.M), smoke_store.output
     for run in plan:
         d = run.dir(runs)
         for f in ("params.json", "metrics.json", "encoder.safetensors", "train_log.jsonl"):
@@ -44,13 +38,13 @@ def test_smoke_study_runs_every_stage(smoke_store):
 
 
 def test_second_run_does_no_work(smoke_store):
-    runs, plan, _ = smoke_store
+    runs, plan = smoke_store.runs, smoke_store.plan
     again = runner.execute(plan, runs, device="cpu", workers=2, echo=lambda *_: None)
     assert again.ran == [] and len(again.done) == len(plan)
 
 
 def test_results_table_has_the_papers_layout(smoke_store):
-    runs, plan, _ = smoke_store
+    runs, plan = smoke_store.runs, smoke_store.plan
     df = collect(runs, plan)
     assert len(df) == 4
     assert ((df.miou > 0) & (df.miou <= 100) & (df.pixel_acc > df.miou / 3)).all()
@@ -60,32 +54,27 @@ def test_results_table_has_the_papers_layout(smoke_store):
     assert "+-" in table.iloc[0, 0]
 
 
-def test_results_notebook_executes(smoke_store, tmp_path):
-    runs, _, _ = smoke_store
-    out = tmp_path / "results.ipynb"
-    pm.execute_notebook(
-        str(ROOT / "notebooks" / "results.ipynb"),
-        str(out),
-        kernel_name="python3",
-        progress_bar=False,
-        parameters={"runs_dir": str(runs), "params_file": str(SMOKE)},
-        execution_timeout=300,
-    )
-    text = out.read_text()
-    assert "4 finished segmentation runs" in text
-    assert "application/vnd.jupyter.widget-view+json" in text  # opened by a person: the explorer
+def test_batch_results_notebook_is_static(smoke_store):
+    """The results notebook `study run` wrote in batch: whole, static figures, and not one widget created.
+    Widget messages are what hung batch executions under ipykernel 7 (tools/notebook_hang_loop.py reproduces
+    that hang by repetition; this checks its cause, which no repetition is needed to see). The interactive
+    notebook, widgets and all, runs in JupyterLab in tests/test_browser.py; its explorer in tests/test_results.py."""
+    out = smoke_store.runs / "results-smoke.ipynb"
+    assert f"results notebook: {out}" in smoke_store.output, smoke_store.output[-2000:]
+    nb = json.loads(out.read_text())
+    text = json.dumps(nb)
+    assert "4 finished segmentation runs" in text and "Batch run" in text
+    assert "application/vnd.jupyter.widget-view+json" not in text and not _widget_state(out)
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(c["execution_count"] for c in code), "a cell of the batch results notebook did not run"
+    assert not [o for c in code for o in c["outputs"] if o["output_type"] == "error"]
 
 
-@pytest.mark.slow
-def test_results_notebook_never_hangs_in_batch(smoke_store):
-    """20 executions in a row, as `study run` makes them (batch: static figures; a cell limit), all end."""
-    runs, _, _ = smoke_store
-    for i in range(20):
-        out = cli.write_results_notebook(str(runs), str(SMOKE), f"loop{i}", cell_timeout=120)
-        text = out.read_text()
-        assert "4 finished segmentation runs" in text and "Batch run" in text, i
-        assert "application/vnd.jupyter.widget-view+json" not in text, i
-        out.unlink()
+def _widget_state(notebook: Path) -> dict:
+    """The widget models nbclient saved from the kernel's comm messages: empty when no widget was created (an
+    interactive execution saves one per widget of the explorer)."""
+    state = json.loads(notebook.read_text())["metadata"].get("widgets", {})
+    return state.get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
 
 
 @pytest.mark.parametrize("stage", grid.STAGES)
