@@ -237,7 +237,7 @@ def prepare_jobs(task: str, model: str, device: torch.device, data: dict, folder
     return out
 
 
-def single(prepared, device: torch.device, box: Box) -> dict:
+def single(prepared, device: torch.device, box: Box, on_step: Callable | None = None) -> dict:
     """(b): one run's training step as train.fit takes it (losses summed on the device, no read-back), compiled
     as the engine's defaults say for this device; a compile that fails falls back to eager, with a note."""
     job, sched = prepared.job, prepared.sched
@@ -260,17 +260,17 @@ def single(prepared, device: torch.device, box: Box) -> dict:
         return step
 
     try:
-        out = timed(step_with(job_step(job, mode)), device, box)
+        out = timed(_seen(step_with(job_step(job, mode)), on_step), device, box)
     except Exception as e:  # a benchmark must finish: measure eager instead
         if not mode:
             raise
         _note(f"torch.compile (mode {mode!r}) failed ({type(e).__name__}: {e}); measuring eager instead")
         mode = ""
-        out = timed(step_with(job.step), device, box)
+        out = timed(_seen(step_with(job.step), on_step), device, box)
     return {**out, "compile_mode": mode or "eager", "precision": _precision(device, sched.precision)}
 
 
-def fused(prepared: list, device: torch.device, box: Box) -> dict:
+def fused(prepared: list, device: torch.device, box: Box, on_step: Callable | None = None) -> dict:
     """(c): the members as one stacked model, stepped as fused_fit trains a group (eager, bf16 on a GPU)."""
     jobs, sched = [p.job for p in prepared], prepared[0].sched
     group = Fused([j.task.to(device).train() for j in jobs], device)
@@ -284,7 +284,18 @@ def fused(prepared: list, device: torch.device, box: Box) -> dict:
         batches = tuple(torch.stack(parts) for parts in zip(*drawn))
         total += fused_step(group, opt, jobs[0].loss, batches, amp).double() * sched.batch_size
 
-    return {**timed(step, device, box), "compile_mode": "eager", "precision": _precision(device, sched.precision)}
+    return {
+        **timed(_seen(step, on_step), device, box),
+        "compile_mode": "eager",
+        "precision": _precision(device, sched.precision),
+    }
+
+
+def _seen(step: Callable[[], None], on_step: Callable | None) -> Callable[[], None]:
+    """`step`, first handed to `on_step` (gpu_check profiles the very step it timed)."""
+    if on_step is not None:
+        on_step(step)
+    return step
 
 
 def _precision(device: torch.device, precision: str) -> str:
