@@ -161,3 +161,19 @@ def test_plan_estimate_benchmarks_once_when_none_stored(tmp_path, monkeypatch, c
     assert calls == [False]  # the second call read what the first one stored
     assert B.load_rates(tmp_path, "auto")["kernel_startup_s"] == 10.0
     assert "total: about" in capsys.readouterr().out
+
+
+def test_a_bench_without_jupyter_keeps_its_rates(monkeypatch, tmp_path):
+    """A bare GPU machine has torch and timm but no jupyter_client: the start-up is noted as not measured and
+    the rates (and an estimate from them) still come."""
+
+    def no_jupyter(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'jupyter_client'")
+
+    monkeypatch.setattr(B, "kernel_startup", no_jupyter)
+    result = B.bench("cpu", smoke=True, cache=tmp_path / "cache")
+    assert result["kernel_startup_s"] is None and result["entries"]
+    assert "kernel start-up: not measured" in B.table(result)
+    with_startup = E.estimate(tiny_plan(), made_up_rates(), {}, workers=1).set_index("stage")
+    without = E.estimate(tiny_plan(), {**made_up_rates(), "kernel_startup_s": None}, {}, workers=1).set_index("stage")
+    assert without.loc["all", "startup_s"] == 0 and without.loc["all", "train_s"] == with_startup.loc["all", "train_s"]

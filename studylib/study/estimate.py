@@ -129,7 +129,8 @@ def estimate(
         row = {"stage": stage, "runs": sum(len(g.runs) for g in gs), "groups": len(gs)}
         for key in ("image_steps", "train_s", "setup_s", "finish_s"):
             row[key] = sum(p[key] for p in parts)
-        row["startup_s"] = math.ceil(len(gs) / max(1, workers)) * rates["kernel_startup_s"]
+        # a bench on a machine without Jupyter has no start-up figure: its groups then start for free here
+        row["startup_s"] = math.ceil(len(gs) / max(1, workers)) * (rates["kernel_startup_s"] or 0.0)
         rows.append(row)
     df = pd.DataFrame(rows)
     df.loc[len(df)] = {"stage": "all", **df.drop(columns="stage").sum().to_dict()}
