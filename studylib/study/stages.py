@@ -137,7 +137,8 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
     # cut from both ends (no crop of the paper's settings needs more: see readers.aspect_geometry)
     cached = round(cfg.img_size * (1 + s.cache_margin))
     image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0)
-    images, sizes = image_set.images.to(dev), image_set.sizes  # the uint8 images move to the device once
+    # the uint8 images move to the device once; the closures below keep no host copy (image_set is not captured)
+    images, sizes, skipped = image_set.images.to(dev), image_set.sizes, image_set.skipped
     canvas = tuple(images.shape[-2:])
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
@@ -167,7 +168,7 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
             "pred": pred[:6].float().cpu(),
             "patch": cfg.patch_size,
         }
-        fields = {"images": len(images), "skipped": image_set.skipped, "epochs": s.epochs, "eval_masked_l1": eval_loss}
+        fields = {"images": len(images), "skipped": skipped, "epochs": s.epochs, "eval_masked_l1": eval_loss}
         return examples, fields
 
     job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain")
@@ -388,7 +389,10 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
-    images, masks = train.images.to(dev), train.masks.to(dev)  # the uint8 images move to the device once
+    # the uint8 images move to the device once; the closures below keep no host copy of them (`train` is not
+    # captured: its count and skipped files are)
+    images, masks = train.images.to(dev), train.masks.to(dev)
+    n_train, train_skipped = len(train), train.skipped
 
     def batch(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
@@ -421,16 +425,16 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
         report = meter.compute()
         examples = {"images": test.images[:8], "masks": test.masks[:8], "pred": pred[:8], "names": test.names[:8]}
         fields = {
-            "train_images": len(train),
+            "train_images": n_train,
             "test_images": len(test),
             "test_names": list(test.names),  # so any two runs can be checked for a shared test set
             "epochs": s.epochs,
-            "skipped": sorted(set(train.skipped + test.skipped)),
+            "skipped": sorted(set(train_skipped + test.skipped)),
             **report,
         }
         return examples, fields
 
-    job = Job(task, batch, loss, len(train), seed, run_dir, "segment")
+    job = Job(task, batch, loss, n_train, seed, run_dir, "segment")
     return prepared("segment", job, _schedule(s), dev, evaluate)
 
 
