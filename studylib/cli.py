@@ -150,7 +150,8 @@ def _execute(args, cfg, plan):
 
 def _run_until_decided(args, cfg) -> int:
     """Rounds of seeds with a group-sequential look after each (studylib.study.rounds)."""
-    from studylib.analysis.sequential import boundary_text
+    from studylib.analysis.power import design_keys
+    from studylib.analysis.sequential import boundary_text, decide
     from studylib.analysis.tables import collect
     from studylib.study import grid, rounds
 
@@ -167,9 +168,10 @@ def _run_until_decided(args, cfg) -> int:
         print(f"round of {len(round_cfg.grid.seeds)} seeds: {len(state['plan'])} stage runs")
         return _execute(args, round_cfg, state["plan"])
 
-    outcome = rounds.until_decided(
-        cfg, run_round, lambda c: collect(args.runs, grid.plan(c)), max_seeds, args.round_seeds, args.budget
-    )
+    def look(round_cfg, looks):  # every part's verdict after the looks so far, from the runs in the store
+        return decide(collect(args.runs, grid.plan(round_cfg)), looks, max_seeds, keys=design_keys(round_cfg.grid))
+
+    outcome = rounds.until_decided(cfg, run_round, look, max_seeds, args.round_seeds, args.budget)
     if outcome.decision is not None:
         print("\n" + outcome.decision.report())
         print(f"looks and verdicts: {rounds.write_report(args.runs, cfg.name, outcome)}")

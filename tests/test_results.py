@@ -83,13 +83,14 @@ def test_intermediate_change_is_with_minus_without():
     assert (t["diff"], t.lo, t.hi, t.n) == pytest.approx((-3.5, -3.5 - H1, -3.5 + H1, 2))
 
 
-def test_welch_when_the_seeds_differ():
-    df = runs({(0, False, 10): [40, 42], (100, False, 10): [45, 47, 49]})
+def test_paired_over_the_common_seeds_when_a_cell_has_more():
+    # the seed is the replicate: seed 2 of the pre-trained cell has no scratch partner, so the gain is paired over
+    # seeds 0 and 1 (differences 5 and 6; mean 5.5, sd 0.7071, se 0.5, t(1) = 12.7062: half width 6.3531),
+    # never a Welch interval over runs that share their seed's draws
+    df = runs({(0, False, 10): [40, 42], (100, False, 10): [45, 48, 49]})
     g = gain_table(df, "miou").iloc[0]
-    # 47 - 41 = 6; se^2 = 4/3 + 2/2 = 2.3333; Welch df = 2.3333^2 / ((4/3)^2/2 + 1^2/1) = 2.8824, exact
-    # t(2.8824) = 3.25721 (no rounding down to t(2)); half width 3.25721 * sqrt(2.3333) = 4.97547
-    assert g.method == "welch" and g.n == 2
-    assert (g["diff"], g.lo, g.hi) == pytest.approx((6.0, 1.02453, 10.97547), abs=1e-4)
+    assert g.method == "paired" and g.n == 2
+    assert (g["diff"], g.lo, g.hi) == pytest.approx((5.5, 5.5 - 6.3531, 5.5 + 6.3531), abs=1e-4)
 
 
 def test_one_seed_gives_a_difference_but_no_interval():
@@ -325,7 +326,7 @@ def test_claims_on_the_papers_own_table():
     assert c.loc["a", "verdict"] == "supported" and c.loc["c", "verdict"] == "supported"
     assert c.loc["a", "effect"] == pytest.approx((57.14 - 43.73) - (68.76 - 65.07))
     assert c.loc["b", "verdict"] == "supported"
-    assert "largest drop -7.21 at 200000 pre-training, 250 labels" in c.loc["c", "detail"]
+    assert "largest drop -7.21 at 200,000 pre-training images, 250 labels" in c.loc["c", "detail"]
     # (b) labels: (47.41 - 43.73) / 250 * 1000 = 14.72, (65.07 - 62.99) / 2000 * 1000 = 1.04 points per 1,000
     assert c.loc["b", "effect"] == pytest.approx(14.72 - 1.04)
 

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from studylib.analysis.power import design_keys
+from studylib.analysis.sequential import decide
 from studylib.study import config as C
 from studylib.study import rounds
 
@@ -39,6 +41,9 @@ class World:
         self.rounds.append(new)
         self.done |= set(cfg.grid.seeds)
         return _Summary(ran=new)
+
+    def look(self, cfg, looks):
+        return decide(self.collect(cfg), looks, 12, keys=design_keys(cfg.grid))
 
     def collect(self, cfg):
         rows = []
@@ -82,7 +87,7 @@ def test_added_seeds_follow_the_files_largest():
 
 def test_rounds_add_seeds_until_every_part_is_decided():
     world, lines = World(), []
-    out = rounds.until_decided(_cfg(), world.run_round, world.collect, 12, 2, 0, lines.append)
+    out = rounds.until_decided(_cfg(), world.run_round, world.look, 12, 2, 0, lines.append)
     assert out.reason == "decided" and out.decision.done
     assert all(p.verdict == "supported" for p in out.decision.parts), out.decision.report()
     # the O'Brien-Fleming-like boundary spends almost nothing at 2 of 12 seeds: it takes more than one look
@@ -92,9 +97,9 @@ def test_rounds_add_seeds_until_every_part_is_decided():
 
 def test_a_resumed_study_replays_its_looks_and_runs_only_new_seeds():
     first = World()
-    out = rounds.until_decided(_cfg(), first.run_round, first.collect, 12, 2, 0, lambda _: None)
+    out = rounds.until_decided(_cfg(), first.run_round, first.look, 12, 2, 0, lambda _: None)
     again = World(done=set(first.done))
-    out2 = rounds.until_decided(_cfg(), again.run_round, again.collect, 12, 2, 0, lambda _: None)
+    out2 = rounds.until_decided(_cfg(), again.run_round, again.look, 12, 2, 0, lambda _: None)
     assert all(r == [] for r in again.rounds)  # nothing re-run
     assert [p.verdict for p in out2.decision.parts] == [p.verdict for p in out.decision.parts]
     assert out2.decision.looks == out.decision.looks
@@ -104,7 +109,7 @@ def test_the_budget_stops_before_a_round_that_would_not_fit(monkeypatch):
     clock = iter(range(0, 10_000, 100))  # every call to the clock: 100 s later
     monkeypatch.setattr(rounds.time, "monotonic", lambda: next(clock))
     world, lines = World(), []
-    out = rounds.until_decided(_cfg(), world.run_round, world.collect, 12, 2, 250, lines.append)
+    out = rounds.until_decided(_cfg(), world.run_round, world.look, 12, 2, 250, lines.append)
     assert out.reason == "budget" and len(world.rounds) == 1 and out.n == 2
     assert lines[-1].startswith("budget:") and "does not fit: stopping before look 2" in lines[-1]
 

@@ -68,22 +68,19 @@ class Outcome:
 def until_decided(
     cfg: StudyConfig,
     run_round: Callable[[StudyConfig], object],
-    collect: Callable[[StudyConfig], object],
+    look: Callable[[StudyConfig, list[int]], object],
     max_seeds: int,
     step: int,
     budget_s: float,
     echo=print,
 ) -> Outcome:
     """Rounds of seeds with a look after each. run_round(cfg) executes that config's unfinished runs and
-    returns the runner's Summary; collect(cfg) returns its finished runs (tables.collect's frame). A round
-    is started only when the time it is expected to take (the last round's per-seed time, this call) fits
-    what is left of budget_s (0: no budget)."""
-    from studylib.analysis.power import design_keys
-    from studylib.analysis.sequential import decide
-
+    returns the runner's Summary; look(cfg, looks) returns the verdicts after the looks so far (the caller
+    binds studylib.analysis.sequential.decide to the store: the study wing does not import the analysis).
+    A round is started only when the time it is expected to take (the last round's per-seed time, this
+    call) fits what is left of budget_s (0: no budget)."""
     looks = look_schedule(len(cfg.grid.seeds), step, max_seeds)
     t0, per_seed, decision, summary = time.monotonic(), None, None, None
-    keys = design_keys(cfg.grid)
     for k, n in enumerate(looks):
         added = n - (looks[k - 1] if k else 0)
         elapsed = time.monotonic() - t0
@@ -99,7 +96,7 @@ def until_decided(
             return Outcome(decision, n, "failed", summary)
         if summary.ran:  # a round replayed from the store took no time and says nothing of the rate
             per_seed = (time.monotonic() - start) / added
-        decision = decide(collect(with_seeds(cfg, n)), looks[: k + 1], max_seeds, keys=keys)
+        decision = look(with_seeds(cfg, n), looks[: k + 1])
         echo(decision.line())
         if decision.done:
             return Outcome(decision, n, "decided" if n < max_seeds else "max seeds", summary)
