@@ -53,12 +53,21 @@ def cmd_data_get(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
-    from studylib.study import checks, config, grid, store
+def checked_plan(params: str):
+    """(config, plan) of a parameter file, the plan checked against the data that is there (every size and
+    folder, all problems at once) before anything else happens."""
+    from studylib.study import checks, config, grid
 
-    cfg = config.load(args.params)
+    cfg = config.load(params)
     plan = grid.plan(cfg)
-    checks.ensure(cfg, plan)  # every size and folder against the data that is there, before anything else
+    checks.ensure(cfg, plan)
+    return cfg, plan
+
+
+def cmd_plan(args) -> int:
+    from studylib.study import grid, store
+
+    cfg, plan = checked_plan(args.params)
     if args.power:
         return print_power(cfg, plan, args)
     states = store.states(plan, args.runs)
@@ -116,11 +125,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from studylib.study import checks, config, grid
+    from studylib.study import grid
 
-    cfg = config.load(args.params)
-    plan = grid.plan(cfg)
-    checks.ensure(cfg, plan)  # every size and folder against the data that is there, before anything trains
+    cfg, plan = checked_plan(args.params)
     if args.until_decided:
         return _run_until_decided(args, cfg)
     per_stage = ", ".join(f"{sum(r.stage == s for r in plan)} {s}" for s in grid.STAGES)
