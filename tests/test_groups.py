@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from studylib.study import config, grid, runner, stages
+from studylib.study import config, grid, groups, runner, stages
 from studylib.study.store import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def parent(tmp_path_factory):
 def _segment_group(root: Path, parents: list[str], data: dict, fuse: str):
     members = [{"run_dir": str(root / str(i)), "parent_dir": p, "size": 16, "seed": i} for i, p in enumerate(parents)]
     settings = {**SMOKE["segment"], "epochs": 3, "batch_size": 8}
-    return stages.run_group(
+    return groups.run_group(
         "segment", members, engine={"fuse": fuse}, model="viny-tiny", data=data, settings=settings, device="cpu"
     )
 

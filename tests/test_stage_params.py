@@ -15,7 +15,7 @@ from test_bench import made_up_rates  # tests/ is on the path, as for tests/lab.
 
 from studylib import cli
 from studylib.core.model import MaskedImageModel, build_encoder
-from studylib.study import config, grid, groups, lifecycle, runner, stages
+from studylib.study import config, grid, groups, lifecycle, runner
 from studylib.study import estimate as E
 from studylib.study.config import EngineConfig, ParamError
 from studylib.study.store import RunFolder
@@ -51,7 +51,7 @@ def _prepared_runs(runs: Path, stage: str) -> list[grid.Run]:
 
 def test_run_notebook_reads_each_members_parameters_from_its_params_json(tmp_path, captured):
     seg = _prepared_runs(tmp_path, "segment")
-    stages.run_notebook("segment", [r.dir(tmp_path) for r in seg], device="cpu", engine={"fuse": "off"})
+    groups.run_notebook("segment", [r.dir(tmp_path) for r in seg], device="cpu", engine={"fuse": "off"})
     (call,) = captured
     assert call["device"] == "cpu" and call["engine"] == {"fuse": "off"}
     assert call["settings"] == seg[0].params["settings"] and call["model"] == "viny-tiny"
@@ -64,7 +64,7 @@ def test_run_notebook_reads_each_members_parameters_from_its_params_json(tmp_pat
 def test_run_notebook_passes_an_intermediate_arms_own_parameters(tmp_path, captured):
     inter = _prepared_runs(tmp_path, "intermediate")
     spatial = next(r for r in inter if r.params["arm"] == "spatial")
-    stages.run_notebook("intermediate", [spatial.dir(tmp_path)], device="cpu")
+    groups.run_notebook("intermediate", [spatial.dir(tmp_path)], device="cpu")
     (member,) = captured[0]["members"]
     assert member["arm"] == "spatial" and member["pets_split"] == spatial.params["pets_split"]
     assert member["parent_dir"] == str(spatial.parent.dir(tmp_path).resolve())
@@ -78,23 +78,23 @@ def test_run_notebook_refuses_members_that_do_not_share_their_settings(tmp_path,
         settings = {**run.params["settings"], "epochs": epochs}
         RunFolder(folder).write_record(run, {**run.params, "settings": settings, "run_dir": str(folder)})
     with pytest.raises(ParamError, match=r"b: its settings differ from those of .*a; the runs of one group"):
-        stages.run_notebook("segment", [a, b])
+        groups.run_notebook("segment", [a, b])
     assert not captured
 
 
 def test_a_run_folder_without_params_json_is_named_with_the_fix(tmp_path):
     with pytest.raises(ParamError, match=r"no params\.json .*`study run` writes it"):
-        stages.read_run_params(tmp_path)
+        groups.read_run_params(tmp_path)
 
 
 def test_by_hand_a_stage_runs_its_studys_first_run_from_a_fresh_encoder(captured, capsys):
     first = next(r for r in grid.plan(config.load(SMOKE)) if r.stage == "intermediate")
     assert first.parent is not None  # the planned run has a pre-trained parent; by hand it starts fresh
-    stages.run_notebook("intermediate", [], study="smoke")
+    groups.run_notebook("intermediate", [], study="smoke")
     (member,) = captured[0]["members"]
     folder = Path(member["run_dir"])
     assert member["parent_dir"] == "" and member["arm"] == first.params["arm"]
-    assert stages.read_run_params(folder)["settings"] == first.params["settings"] == captured[0]["settings"]
+    assert groups.read_run_params(folder)["settings"] == first.params["settings"] == captured[0]["settings"]
     assert str(folder) in capsys.readouterr().out  # the notebook says where its temporary run folder is
 
 

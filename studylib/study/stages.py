@@ -1,5 +1,5 @@
 """The three stages of the study: what each trains on, its batch and loss, and how it is evaluated.
-Each stage notebook calls one function here (`run_notebook`, from studylib.study.groups).
+Each stage notebook calls studylib.study.groups.run_notebook, which runs them.
 
     pretrain(...)      masked image modelling on unlabeled images          -> encoder.safetensors
     intermediate(...)  CLS scene classification on Intel (optional)       -> encoder.safetensors
@@ -10,7 +10,7 @@ trains, then encoder.safetensors + head.safetensors and, last of all, metrics.js
 the run is finished). Calling a stage on a finished folder trains nothing and re-reads the results.
 
 A run's lifecycle around the recipe (lock, train, finish) is studylib.study.lifecycle's; running a group
-of runs in one kernel is studylib.study.groups' (`run_group` and `run_notebook` are importable from here).
+of runs in one kernel is studylib.study.groups' (which imports this module, never the other way).
 """
 
 from __future__ import annotations
@@ -58,16 +58,6 @@ from studylib.study.lifecycle import Prepared, StageResult, exclusive, prepared,
 from studylib.study.store import RunFolder
 
 EVAL_BATCH = 256
-
-
-def __getattr__(name: str):
-    """Group execution lives in studylib.study.groups (which imports the recipes): offered here, as the stage
-    notebooks and the tests have always found it, without an import cycle."""
-    if name in ("run_group", "run_notebook", "GroupResult", "read_run_params"):
-        from studylib.study import groups
-
-        return getattr(groups, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- shared by the recipes
