@@ -261,9 +261,10 @@ class EngineConfig:
     """How runs execute; none of it is part of a run's identity (the same run trains to the same
     numbers however it is executed, up to float rounding; see `deterministic`).
 
-    'auto' picks per device: on a GPU, groups train fused as one stacked model, compiled, with CUDA
-    graphs; on a CPU, a group's members train one after another in one kernel (fusing measured no
-    faster there) and nothing is compiled (no steady-state gain measured, 40 s per compile)."""
+    'auto' picks per device: on a GPU, groups train fused as one stacked model; on a CPU, a group's
+    members train one after another in one kernel (fusing measured no faster there). `compile` and
+    `cuda_graphs` apply to a group of one only: a fused group still trains eager (compiling it is open
+    work, issue 22), and nothing is compiled on a CPU (no steady-state gain measured, 40 s per compile)."""
 
     section: ClassVar[str] = "engine"
     group_size: int = 0  # runs of one shape executed in one kernel; 0: auto (8 on a CPU, 32 on a GPU); 1: no groups
