@@ -43,7 +43,6 @@ PARTS = (
     ("c", "hurts", -1),
     ("c", INTERACTION, -1),
 )
-SIGN = {part: sign for _, part, sign in PARTS}
 PART_COLUMNS = ["finding", "part", "verdict", "effect", "ci95", "n", "detail", "unit", "replicate", "mde"]
 CLAIM_COLUMNS = ["finding", "claim", "verdict", "effect", "ci95", "detail", "unit"]
 SUMMARY_COLUMNS = ["finding", "claim", "finding verdict", "part", "verdict", "effect", "ci95", "replicate"]

@@ -211,12 +211,6 @@ def contrast(cell_map: dict, weights: dict) -> Estimate:
 # ------------------------------------------------------------------------------------------ power
 
 
-def _tq(p: float, df):
-    from scipy import stats
-
-    return stats.t.ppf(p, df)
-
-
 def power_at(effect, se, df, alpha: float = ALPHA):
     """The probability that a one-sided level-alpha t test (df degrees of freedom, standard error se)
     finds a true effect of size |effect| on its side: 1 - nct.cdf(t_{1-alpha, df}, df, |effect| / se).

@@ -121,24 +121,9 @@ def linear_ramp(h: int, w: int, theta: float) -> np.ndarray:
     return normalise(x)
 
 
-# Texture families: one shared, continuous space. Each family draws its own frequencies, orientations, spot sizes,
-# sharpness and warp per image, so no two coats (or backgrounds) are alike; breeds and backgrounds are tendencies
-# over this space (which families they favour, and how fine) rather than fixed textures.
-TEXTURE_FAMILIES = (
-    "stripes",
-    "grating",
-    "spots",
-    "fur",
-    "curls",
-    "patches",
-    "rosettes",
-    "crosshatch",
-    "tiles",
-    "gradient",
-    "blotches",
-    "grain",
-    "rings",
-)
+# Texture families (the functions below): one shared, continuous space. Each family draws its own frequencies,
+# orientations, spot sizes, sharpness and warp per image, so no two coats (or backgrounds) are alike; breeds and
+# backgrounds are tendencies over this space (which families they favour, and how fine) rather than fixed textures.
 
 
 def _freq(rng: np.random.Generator, fine: float, lo: float = 2.0, hi: float = 16.0) -> float:

@@ -36,7 +36,6 @@ from studylib.core.files import atomic_write_bytes, atomic_write_json, read_json
 from studylib.study.locks import RunLock
 
 RUNNER_LOCK, STAGE_LOCK = ".runner.lock", ".stage.lock"
-STATES = ("todo", "running", "done", "failed")
 FINISHED_FILES = ("metrics.json", "encoder.safetensors", "head.safetensors")
 CHECKPOINT = "checkpoint.safetensors"
 PARTIAL = ".notebook.partial.ipynb"  # papermill writes here as it goes; published whole as notebook.ipynb

@@ -547,20 +547,3 @@ def token_traces(points: pd.DataFrame, colour: str = "class") -> list[go.Scatter
         for k, c in CLASS_MARKERS.items()
     ]
     return [main.update(marker=token_marker(points, colour)), *keys]
-
-
-def token_scatter(points: pd.DataFrame, colour: str = "class", title: str = "") -> go.Figure:
-    """A 2-D embedding of patch tokens (encoders.token_umap) coloured by trimap class, grid row or
-    column, or image; hovering a point names its image and patch."""
-    fig = go.Figure(token_traces(points, colour))
-    for key in fig.data[1:]:  # the class legend, for the class colouring only
-        key.visible = colour == "class"
-    fig.update_layout(
-        height=500,
-        xaxis_visible=False,
-        yaxis_visible=False,
-        legend_title=TOKEN_COLOURINGS[colour],
-        title=title,
-        margin=dict(t=60),
-    )
-    return fig
