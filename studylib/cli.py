@@ -165,7 +165,7 @@ def _run_until_decided(args, cfg) -> int:
     max_seeds = args.max_seeds or max(16, len(cfg.grid.seeds))
     print(
         f"{cfg.name}: until decided, {len(cfg.grid.seeds)} seeds then {args.round_seeds} per round, at most "
-        f"{max_seeds}{f', budget {args.budget / 60:.0f} min' if args.budget else ''}; boundary: "
+        f"{max_seeds}{f', budget {args.budget / 60:.1f} min' if args.budget else ''}; boundary: "
         f"{boundary_text(max_seeds)}"
     )
     state = {}
@@ -186,6 +186,11 @@ def _run_until_decided(args, cfg) -> int:
         print("study: error: the budget ended before the first look", file=sys.stderr)
         return 1
     n = outcome.n or len(cfg.grid.seeds)
+    if outcome.decision is not None and len(outcome.decision.looks) > 1:
+        print(
+            f"\nnote: the findings below test each part at the fixed 95% level, as if {n} seeds had been planned; "
+            f"after {len(outcome.decision.looks)} looks only the sequential verdicts above keep the 2.5% error rate"
+        )
     params = rounds.write_params(args.params, cfg, n, args.runs)
     print(f"the study's parameters with its {n} seeds: {params}")
     round_cfg = rounds.with_seeds(cfg, n)

@@ -35,6 +35,7 @@ class World:
 
     done: set = field(default_factory=set)
     rounds: list = field(default_factory=list)
+    max_seeds: int = 12
 
     def run_round(self, cfg):
         new = [s for s in cfg.grid.seeds if s not in self.done]
@@ -43,7 +44,7 @@ class World:
         return _Summary(ran=new)
 
     def look(self, cfg, looks):
-        return decide(self.collect(cfg), looks, 12, keys=design_keys(cfg.grid))
+        return decide(self.collect(cfg), looks, self.max_seeds, keys=design_keys(cfg.grid))
 
     def collect(self, cfg):
         rows = []
@@ -112,6 +113,19 @@ def test_the_budget_stops_before_a_round_that_would_not_fit(monkeypatch):
     out = rounds.until_decided(_cfg(), world.run_round, world.look, 12, 2, 250, lines.append)
     assert out.reason == "budget" and len(world.rounds) == 1 and out.n == 2
     assert lines[-1].startswith("budget:") and "does not fit: stopping before look 2" in lines[-1]
+
+
+def test_a_spent_budget_stops_a_resumed_study_after_its_replayed_looks(monkeypatch):
+    # resumed with every round of 4 seeds already in the store: the looks replay (no rate is measured, nothing
+    # runs); the budget, spent meanwhile, stops it before the first round that would train
+    first = World(max_seeds=4)
+    rounds.until_decided(_cfg(), first.run_round, first.look, 4, 2, 0, lambda _: None)
+    clock = iter(range(0, 10_000, 50))  # every call to the clock: 50 s later
+    monkeypatch.setattr(rounds.time, "monotonic", lambda: next(clock))
+    again, lines = World(done=set(first.done), max_seeds=100), []  # a far horizon: nothing decided at 4 seeds
+    out = rounds.until_decided(_cfg(), again.run_round, again.look, 100, 2, 250, lines.append)
+    assert out.reason == "budget" and out.n == 4 and all(r == [] for r in again.rounds)
+    assert [ln.split(" (")[0].split(":")[0] for ln in lines] == ["look 1", "look 2", "budget"]
 
 
 def test_the_parameters_with_the_reached_seeds_are_written_to_the_store(tmp_path):

@@ -78,15 +78,18 @@ def until_decided(
     returns the runner's Summary; look(cfg, looks) returns the verdicts after the looks so far (the caller
     binds studylib.analysis.sequential.decide to the store: the study wing does not import the analysis).
     A round is started only when the time it is expected to take (the last round's per-seed time, this
-    call) fits what is left of budget_s (0: no budget)."""
+    call) fits what is left of budget_s (0: no budget); before any round of this call has trained (a resumed
+    study replays its finished rounds in seconds), when any of the budget is left."""
     looks = look_schedule(len(cfg.grid.seeds), step, max_seeds)
     t0, per_seed, decision, summary = time.monotonic(), None, None, None
     for k, n in enumerate(looks):
         added = n - (looks[k - 1] if k else 0)
         elapsed = time.monotonic() - t0
-        if budget_s and per_seed is not None and elapsed + per_seed * added > budget_s:
-            echo(f"budget: {elapsed / 60:.1f} of {budget_s / 60:.0f} min spent; the next round ({added} seeds, about "
-                 f"{per_seed * added / 60:.1f} min) does not fit: stopping before look {k + 1}")  # fmt: skip
+        expected = per_seed * added if per_seed is not None else 0.0  # unknown until a round of this call ran
+        if budget_s and (elapsed >= budget_s or elapsed + expected > budget_s):
+            about = f", about {expected / 60:.1f} min" if per_seed is not None else ""
+            echo(f"budget: {elapsed / 60:.1f} of {budget_s / 60:.1f} min spent; the next round ({added} seeds{about}) "
+                 f"does not fit: stopping before look {k + 1}")  # fmt: skip
             return Outcome(decision, looks[k - 1] if k else 0, "budget", summary)
         start = time.monotonic()
         summary = run_round(with_seeds(cfg, n))
