@@ -89,6 +89,11 @@ def test_with_finished_seeds_the_noise_and_effect_are_measured():
     assert (a.effect, a.sd) == pytest.approx((d.mean(), d.std(ddof=1)))
     record = json.loads(json.dumps([r.to_dict() for r in rows.values()]))[0]
     assert {"finding", "part", "n", "mde", "power", "seeds_needed"} <= set(record)
+    # 3 seeds: 2 degrees of freedom; sd_true / sd_hat in [sqrt(2 / 7.3778), sqrt(2 / 0.0506)] = [0.52, 6.29]
+    assert "caution: the sd comes from 3 seeds (2 degrees of freedom): the true sd may be 0.52x to 6.3x" in (
+        format_power(list(rows.values()))
+    )
+    assert "caution" not in format_power(power_table(grid(6), runs(range(6))))
 
 
 def test_parts_a_design_cannot_test_say_so():

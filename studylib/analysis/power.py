@@ -20,6 +20,7 @@ its power at a true effect delta is 1 - nct.cdf(t_{0.975, n-1}, n-1, |delta| sqr
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -232,4 +233,25 @@ def format_power(rows: list[PartPower], noise: NoiseModel = DEFAULT_NOISE) -> st
     ]
     if any(r.noise_source == DEFAULT_SOURCE for r in rows):
         lines.append(noise.describe())
+    measured = [int(m.group(1)) for r in rows if (m := re.match(r"this study's (\d+) finished seeds", r.noise_source))]
+    if measured and min(measured) < FEW_SEEDS:
+        lines.append(sd_uncertainty(min(measured)))
     return "\n".join(lines)
+
+
+FEW_SEEDS = 5  # below this many seeds a measured sd is too uncertain to size a study on without saying so
+
+
+def sd_uncertainty(n: int) -> str:
+    """How far the true per-seed sd may lie from one measured on n seeds (n - 1 degrees of freedom): the 95%
+    range of sd_true / sd_measured from the chi-square law, and what that does to the seeds needed (they
+    scale with the variance)."""
+    from scipy import stats
+
+    df = n - 1
+    lo, hi = (math.sqrt(df / stats.chi2.ppf(q, df)) for q in (0.975, 0.025))
+    return (
+        f"caution: the sd comes from {n} seeds ({df} degree{'s' if df != 1 else ''} of freedom): the true sd may be "
+        f"{lo:.2f}x to {hi:,.1f}x the measured one (95%), and the seeds needed scale with its square; measure more "
+        f"seeds (or run --until-decided) before sizing a study on it"
+    )
