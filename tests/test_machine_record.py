@@ -64,3 +64,21 @@ def test_a_table_that_mixes_machines_says_so(tmp_path):
     assert note.startswith("warning: these runs were made on 3 machines")
     assert "2 runs on cpu, ISA AVX512" in note and "1 runs on cpu, ISA AVX2" in note
     assert "1 runs on unrecorded machine" in note
+
+
+def test_a_table_that_mixes_recipes_says_so(tmp_path):
+    df = _store(tmp_path, [AVX512, AVX512, AVX512]).assign(recipe=[2, 1, 2])
+    note = machine_note(df)
+    assert note.splitlines()[0].startswith("runs made on: ")
+    assert "warning: these runs mix segmentation recipes (1 runs of recipe 1; 2 runs of recipe 2" in note
+    assert "recipe" not in machine_note(df.assign(recipe=2))
+
+
+def test_every_run_records_its_recipe_and_the_tables_read_it(smoke_store):
+    from studylib.study.identity import RECIPES
+    from studylib.study.store import RunFolder, collect
+
+    for run in smoke_store.plan:
+        assert RunFolder.of(run, smoke_store.runs).record["recipe"] == RECIPES[run.stage]
+    df = collect(smoke_store.runs)
+    assert len(df) == 4 and set(df.recipe) == {RECIPES["segment"]}

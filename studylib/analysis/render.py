@@ -70,9 +70,20 @@ def machine_note(df: pd.DataFrame) -> str:
     if len(counts) == 0:
         return ""
     if len(counts) == 1:
-        return f"runs made on: {counts.index[0]}"
-    where = "; ".join(f"{n} runs on {line}" for line, n in counts.items())
-    return f"warning: these runs were made on {len(counts)} machines, whose numbers differ in the last digits: {where}"
+        out = f"runs made on: {counts.index[0]}"
+    else:
+        where = "; ".join(f"{n} runs on {line}" for line, n in counts.items())
+        out = (
+            f"warning: these runs were made on {len(counts)} machines, whose numbers differ in the last digits: {where}"
+        )
+    recipes = pd.Series(df.get("recipe", []), dtype=object).value_counts()
+    if len(recipes) > 1:  # a store read without a parameter file can hold runs of an older recipe beside the new
+        mix = "; ".join(f"{n} runs of recipe {r}" for r, n in recipes.sort_index().items())
+        out += (
+            f"\nwarning: these runs mix segmentation recipes ({mix}; studylib/study/identity.py RECIPES): name the "
+            "parameter file (`study results PARAMS`) to read only the runs its code makes"
+        )
+    return out
 
 
 def sections(df: pd.DataFrame, metric: str) -> list[Section]:

@@ -108,6 +108,7 @@ class RunFolder:
                 "id": run.id,
                 "labels": run.labels,
                 "parent": run.parent.id if run.parent else None,
+                "recipe": run.recipe,  # the stage's code recipe (study.identity.RECIPES): tables warn on a mix
                 "parameters": parameters,
             },
         )
@@ -299,10 +300,12 @@ def collect(runs: str | Path, plan: list | None = None):
                 **run.labels,
                 "id": folder.name,
                 "dir": str(folder),
+                "recipe": run.record.get("recipe", 1),  # runs from before recipe versions were recorded: 1
                 **{k: 100 * m[key] for k, key in SEGMENT_METRICS.items()},
             }
         )
-    cols = ["protocol", "pretrain_size", "intermediate", "finetune_size", "seed", "id", "dir", *SEGMENT_METRICS]
+    cols = ["protocol", "pretrain_size", "intermediate", "finetune_size", "seed", "id", "dir", "recipe"]
+    cols += list(SEGMENT_METRICS)
     import pandas as pd  # imported when needed: a stage kernel never needs it
 
     return pd.DataFrame(rows, columns=cols)
