@@ -208,6 +208,9 @@ def _needed(r: PartPower) -> str:
     return str(r.seeds_needed) if r.seeds_needed else f"> {SEEDS_CAP:,}" if "more than" in r.note else ""
 
 
+FEW_SEEDS = 5  # below this many seeds a measured sd is too uncertain to size a study on without saying so
+
+
 def format_power(rows: list[PartPower], noise: NoiseModel = DEFAULT_NOISE) -> str:
     """The power table as aligned text, one line per part, with the noise model stated when it was used."""
     table = pd.DataFrame(
@@ -237,9 +240,6 @@ def format_power(rows: list[PartPower], noise: NoiseModel = DEFAULT_NOISE) -> st
     if measured and min(measured) < FEW_SEEDS:
         lines.append(sd_uncertainty(min(measured)))
     return "\n".join(lines)
-
-
-FEW_SEEDS = 5  # below this many seeds a measured sd is too uncertain to size a study on without saying so
 
 
 def sd_uncertainty(n: int) -> str:
