@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -43,6 +44,9 @@ class Fused:
         # the architecture without storage: functional_call swaps one member's slices in
         self.template = copy.deepcopy(tasks[0]).to("meta")
         self.attention = attention_backends(torch.device(device))
+        # a plain attribute, not a cached_property: a compiled forward reads it, and Dynamo cannot enter the
+        # lock that cached_property takes (Python 3.11)
+        self._matmul_leaves = _matmul_leaves(self.template)
 
     def parameters(self) -> list[torch.Tensor]:
         """The stacked leaves, in the members' named_parameters order."""
@@ -55,21 +59,27 @@ class Fused:
         groups = param_groups(self.template, weight_decay, decay_all)
         return [{**g, "params": [stacked[id(p)] for p in g["params"]]} for g in groups]
 
-    def losses(self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor) -> torch.Tensor:
+    def losses(
+        self, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[M] losses: loss_fn(model, *member_batch) for each member, where `model(*inputs)` runs that
         member's weights and every batch tensor has a leading member axis [M, B, ...] (expand a batch
-        shared by all members: it costs no memory)."""
+        shared by all members: it costs no memory). `weight` [B] (one for all members: they pad alike),
+        when given, is passed on as loss_fn(model, *member_batch, weight=weight) (see `pad_batch`)."""
 
-        def member(params, buffers, *member_batch):
+        def member(params, buffers, weight, *member_batch):
             def model(*args, **kwargs):
                 return functional_call(self.template, (params, buffers), args, kwargs)
 
-            return loss_fn(model, *member_batch)
+            if weight is None:
+                return loss_fn(model, *member_batch)
+            return loss_fn(model, *member_batch, weight=weight)
 
         # timm's Dropout(p=0) layers call dropout; it returns before drawing (torch 2.14), but "different"
         # does not rely on that, and should a member ever draw, members draw independently, as separate runs do
+        in_dims = (0, 0, None, *[0] * len(batch))
         with sdpa_kernel(self.attention):
-            return vmap(member, randomness="different")(self._autocast_params(), self.buffers, *batch)
+            return vmap(member, in_dims, randomness="different")(self._autocast_params(), self.buffers, weight, *batch)
 
     def _autocast_params(self) -> dict[str, torch.Tensor]:
         """The leaves as the forward sees them. Under autocast, the weights and biases of the matmul layers
@@ -82,18 +92,6 @@ class Fused:
             return self.params
         dtype = torch.get_autocast_dtype(device_type)
         return {n: p.to(dtype) if n in self._matmul_leaves else p for n, p in self.params.items()}
-
-    @functools.cached_property
-    def _matmul_leaves(self) -> frozenset[str]:
-        """The names of the Linear and Conv layers' floating-point parameters (autocast's lower-precision ops)."""
-        kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        return frozenset(
-            f"{prefix}.{name}" if prefix else name
-            for prefix, module in self.template.named_modules()
-            if isinstance(module, kinds)
-            for name, p in module.named_parameters(recurse=False)
-            if p.is_floating_point()
-        )
 
     @torch.no_grad()
     def write_back(self, tasks: list[nn.Module]) -> None:
@@ -170,16 +168,66 @@ def fused_step(
     loss_fn: Callable[..., torch.Tensor],
     batches: tuple,
     amp: AbstractContextManager | None = None,
+    weight: torch.Tensor | None = None,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One optimisation step of the whole group; returns the [M] losses, detached and left on the device
     (no host sync). `amp` (train.autocast) covers the forward only, as PyTorch advises. A member whose loss
-    is not finite spoils only its own weights: the caller drops it and keeps its last checkpoint."""
-    with amp or nullcontext():
-        losses = fused.losses(loss_fn, *batches)
+    is not finite spoils only its own weights: the caller drops it and keeps its last checkpoint.
+    `forward` (from `compile_losses`) replaces `fused.losses(loss_fn, ...)`; `weight` as in `Fused.losses`."""
+    # the gradients are dropped before the forward, not after it: under CUDA graphs the last step's gradients
+    # live in the graph's memory, which the next replay overwrites (same numbers: the step never reads them)
     opt.zero_grad(set_to_none=True)
+    with amp or nullcontext():
+        losses = (forward or functools.partial(fused.losses, loss_fn))(*batches, weight=weight)
     losses.sum().backward()
     opt.step()
     return losses.detach()
+
+
+def compile_losses(fused: Fused, loss_fn: Callable[..., torch.Tensor], mode: str) -> Callable[..., torch.Tensor]:
+    """`fused.losses` with `loss_fn`, compiled as one graph (fullgraph: a break would be an error, not a
+    silent slowdown) for one batch shape (dynamic=False: pad the last batch, `pad_batch`, or it compiles
+    again). The batch drawing stays outside (its torch.Generator calls would break the graph) and so does
+    the optimizer step. 'reduce-overhead' also captures forward and backward as CUDA graphs: the stacked
+    leaves are marked static so that a replay reads them in place instead of copying every weight in, and
+    each call begins a new step (the last step's graph outputs may then be overwritten: fused_step has
+    consumed them by then)."""
+    compiled = torch.compile(functools.partial(fused.losses, loss_fn), mode=mode, fullgraph=True, dynamic=False)
+    if mode != "reduce-overhead":
+        return compiled
+    for t in [*fused.params.values(), *fused.buffers.values()]:
+        torch._dynamo.mark_static_address(t)
+
+    def forward(*batch: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*batch, weight=weight)
+
+    return forward
+
+
+def pad_batch(batch: tuple, size: int) -> tuple[tuple, torch.Tensor]:
+    """A last, partial batch (tensors [M, b, ...]) padded to `size` samples -> (padded batch, weight [size]):
+    weight 1 for the b real samples, 0 for the padding. The padding repeats real samples, so that the model
+    sees only inputs it can take (an all-zero image or mask could give a non-finite value, and 0 * inf is not
+    0); a loss that takes `weight` and is a weighted mean then equals the unpadded loss, value and gradient."""
+    real = batch[0].shape[1]
+    if any(t.shape[1] != real for t in batch):
+        raise ValueError(f"pad_batch: batch tensors of different sizes {[tuple(t.shape[:2]) for t in batch]}")
+    weight = torch.zeros(size, device=batch[0].device)
+    weight[:real] = 1
+    if real == size:
+        return batch, weight
+    repeat = torch.arange(size - real, device=batch[0].device) % real
+    return tuple(torch.cat([t, t[:, repeat]], dim=1) for t in batch), weight
+
+
+def takes_weight(loss_fn: Callable[..., torch.Tensor]) -> bool:
+    """Whether `loss_fn(model, *batch, weight=w)` is accepted: a loss that can average over weighted samples."""
+    try:
+        return "weight" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # a builtin or a C function: no signature to read
+        return False
 
 
 def attention_backends(device: torch.device) -> list[SDPBackend]:
@@ -190,6 +238,18 @@ def attention_backends(device: torch.device) -> list[SDPBackend]:
     if device.type == "cuda":
         return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
     return [SDPBackend.MATH]
+
+
+def _matmul_leaves(template: nn.Module) -> frozenset[str]:
+    """The names of the Linear and Conv layers' floating-point parameters (autocast's lower-precision ops)."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return frozenset(
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in template.named_modules()
+        if isinstance(module, kinds)
+        for name, p in module.named_parameters(recurse=False)
+        if p.is_floating_point()
+    )
 
 
 def _check_same_architecture(tasks: list[nn.Module]) -> None:
