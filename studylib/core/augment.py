@@ -12,6 +12,7 @@ padded array the image set is stored in (long side along the width, portrait ima
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -27,9 +28,61 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = constant(IMAGENET_MEAN, x.device, x.dtype).view(1, 3, 1, 1)
+    std = constant(IMAGENET_STD, x.device, x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: tuple, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor of `values` made on `device` once and kept (a fresh one per call would be a host-to-device copy per
+    step). Read-only by contract: callers build new tensors from it."""
+    key = (tuple(values), str(torch.device(device)), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return _CONSTANTS[key]
+
+
+_ALIGN = 16  # bytes: every packed tensor starts where any dtype's view of the buffer may start
+
+
+def pack(tensors) -> tuple[torch.Tensor, list[tuple]]:
+    """Host tensors -> one uint8 buffer holding their bytes (each part aligned) and the spans to read them back."""
+    spans, at = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        spans.append((at, n, t.dtype, t.shape))
+        at += n + (-n % _ALIGN)
+    buf = torch.empty(at, dtype=torch.uint8)
+    for t, (start, n, _, _) in zip(tensors, spans):
+        if n:
+            buf[start : start + n].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+    return buf, spans
+
+
+def unpack(buf: torch.Tensor, spans: list[tuple]) -> list[torch.Tensor]:
+    """The tensors `pack` packed, as views of `buf` (on whatever device it now is): bit for bit what went in."""
+    return [buf[start : start + n].view(dtype).view(shape) for start, n, dtype, shape in spans]
+
+
+def to_device(device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors on `device`, those on the host sent in ONE copy (their bytes packed in one buffer, pinned and sent
+    without blocking on CUDA) and read back as views: the same bits. A step's index, crop boxes, flips, contrast
+    factors, MixUp permutation and masks are a few kB; one copy each was one synchronising transfer each. A None
+    (a draw the recipe does not make) stays None."""
+    device = torch.device(device)
+    host = [i for i, t in enumerate(tensors) if t is not None and t.device.type == "cpu" and t.device != device]
+    if not host:
+        return tuple(None if t is None else t.to(device) for t in tensors)
+    buf, spans = pack([tensors[i] for i in host])
+    cuda = device.type == "cuda"
+    moved = unpack((buf.pin_memory() if cuda else buf).to(device, non_blocking=cuda), spans)
+    out = list(tensors)
+    for i, t in zip(host, moved):
+        out[i] = t
+    return tuple(None if t is None else t.to(device) for t in out)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
@@ -108,8 +161,9 @@ def crop_grid(params: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, si
     return affine_grid(boxes, flips, size, device, transposed)
 
 
-def full_boxes(n: int) -> torch.Tensor:
-    return torch.tensor([[0.5, 0.5, 1.0, 1.0]]).repeat(n, 1)
+def full_boxes(n: int, device="cpu") -> torch.Tensor:
+    """[n, 4] boxes (cx, cy, w, h) of the whole image, on `device` (a kept constant, expanded: read-only)."""
+    return constant((0.5, 0.5, 1.0, 1.0), device).expand(n, 4)
 
 
 def random_flips(n: int, g: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
@@ -121,7 +175,19 @@ def affine_grid(
 ) -> torch.Tensor:
     """Sampling grid [n, size, size, 2] that maps the output onto each box (cx, cy, w, h as fractions
     of the input), mirrored where flipped. Where `transposed`, the input holds the image transposed
-    (rows and columns swapped) and the box is given in the image's own orientation."""
+    (rows and columns swapped) and the box is given in the image's own orientation. Always fp32, even inside an
+    autocast region: F.affine_grid is a batched matmul, which bf16 autocast would round to ~3 digits (grid points
+    moved by up to ~half a pixel at 224 px), and a run's augmentation must not depend on where it is drawn."""
+    with _without_autocast(device):
+        return _affine_grid(boxes, flips, size, device, transposed)
+
+
+def _without_autocast(device):
+    kind = torch.device(device).type
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else nullcontext()
+
+
+def _affine_grid(boxes, flips, size, device, transposed):
     boxes, flips = boxes.to(device), flips.to(device)
     n = len(boxes)
     theta = torch.zeros(n, 2, 3, device=device)
@@ -160,10 +226,23 @@ def contrast_factors(n: int, strength: float, g: torch.Generator | None = None) 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, g: torch.Generator | None = None):
     """MixUp with one lambda per batch ~ Beta(alpha, alpha); returns mixed images and soft targets."""
-    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    lam, perm = mixup_draw(len(x), alpha, g)
+    return mix(x, y, num_classes, lam, perm)
+
+
+def mixup_draw(n: int, alpha: float, g: torch.Generator | None = None) -> tuple[float, torch.Tensor | None]:
+    """MixUp's draws for a batch of n, on the host: (lambda ~ Beta(alpha, alpha), a permutation); none at alpha 0."""
     if alpha <= 0:
-        return x, onehot
+        return 1.0, None
     seed = int(torch.randint(2**31 - 1, (1,), generator=g))  # numpy's Beta, seeded from g
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(len(x), generator=g).to(x.device)
+    return lam, torch.randperm(n, generator=g)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, perm: torch.Tensor | None):
+    """Images and one-hot targets mixed with their `perm` partners by `lam` (unmixed one-hot where perm is None)."""
+    onehot = F.one_hot(y, num_classes).to(x.dtype)
+    if perm is None:
+        return x, onehot
+    perm = perm.to(x.device)
     return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]

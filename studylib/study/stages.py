@@ -134,12 +134,16 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
 
     def batch(idx, g, crops=None):
         """Images idx cropped (random crops drawn from g unless `crops` are given), resized, flipped
-        (when g is given), normalised; with one mask each."""
-        x, hw = A.to_float(images[idx.to(dev)]), sizes[idx]
+        (when g is given), normalised; with one mask each. Every draw is made on the host first, in the
+        recipe's order (crops, flips, masks), and sent to the device in one copy."""
+        n, hw = len(idx), sizes[idx]
         crops = A.random_resized_crop_params(hw, tuple(s.crop_scale), g=g) if crops is None else crops
-        flips = A.random_flips(len(x), g) if g is not None else torch.zeros(len(x), dtype=torch.bool)
-        x = A.normalize(A.warp_images(x, A.crop_grid(crops, hw, flips, cfg.img_size, canvas, dev)))
-        return x, random_masks(len(x), cfg.grid, unit, s.mask_ratio, g).to(dev)
+        flips = A.random_flips(n, g) if g is not None else torch.zeros(n, dtype=torch.bool)
+        mask = random_masks(n, cfg.grid, unit, s.mask_ratio, g)
+        boxes, transposed = A.canvas_boxes(crops, hw, canvas)
+        i, boxes, flips, transposed, mask = A.to_device(dev, idx, boxes, flips, transposed, mask)
+        grid = A.affine_grid(boxes, flips, cfg.img_size, dev, transposed)
+        return A.normalize(A.warp_images(A.to_float(images[i]), grid)), mask
 
     def loss(net, x, mask):
         return mim_loss(net(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
@@ -284,16 +288,17 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
     images, labels = train.images.to(dev), train_y.to(dev)  # the uint8 images move to the device once
 
     def batch(idx, g):
+        # the host draws in the recipe's order (flip, contrast, then MixUp's), then one copy to the device
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
-        x = A.to_float(images[idx.to(dev)])
-        x = norm(
-            A.adjust_contrast(A.warp_images(x, A.affine_grid(A.full_boxes(len(x)), p["flip"], S, dev)), p["contrast"])
-        )
-        y = labels[idx.to(dev)]
+        lam, perm = A.mixup_draw(len(idx), s.mixup_alpha, g) if arm != "spatial" else (1.0, None)
+        i, flip, contrast, perm = A.to_device(dev, idx, p["flip"], p["contrast"], perm)
+        x = A.to_float(images[i])
+        x = norm(A.adjust_contrast(A.warp_images(x, A.affine_grid(A.full_boxes(len(x), dev), flip, S, dev)), contrast))
+        y = labels[i]
         if arm == "spatial":  # flip the patch labels with the image; no MixUp for a dense target
-            flip = p["flip"].to(dev).view(-1, 1, 1)
+            flip = flip.view(-1, 1, 1)
             return x, torch.where(flip, y.view(-1, grid, grid).flip(-1), y.view(-1, grid, grid)).reshape(len(x), -1)
-        return A.mixup(x, y, K, s.mixup_alpha, g)
+        return A.mix(x, y, K, lam, perm)
 
     def loss(net, x, y):
         if arm == "spatial":
@@ -346,7 +351,7 @@ def _seg_apply(images, masks, p: dict, s: SegmentConfig, dev, augment: bool = Tr
     """Joint image+trimap transform: one flip grid for both, contrast on the image only."""
     x, y = A.to_float(images.to(dev)), masks.to(dev).long()
     if augment:
-        grid = A.affine_grid(A.full_boxes(len(x)), p["flip"], x.shape[-1], dev)
+        grid = A.affine_grid(A.full_boxes(len(x), dev), p["flip"], x.shape[-1], dev)
         x, y = A.warp_images(x, grid), A.warp_labels(y, grid)
         x = A.adjust_contrast(x, p["contrast"])
     return (A.normalize(x) if s.normalize else x), y
@@ -386,8 +391,8 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
 
     def batch(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
-        i = idx.to(dev)
-        return _seg_apply(images[i], masks[i], p, s, dev)
+        i, flip, contrast = A.to_device(dev, idx, p["flip"], p["contrast"])  # one copy per step
+        return _seg_apply(images[i], masks[i], {"flip": flip, "contrast": contrast}, s, dev)
 
     def loss(net, x, y):
         logits = net(x).float()  # [B, K, H, W]
