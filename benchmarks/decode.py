@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studylib.data import decoded
+from studylib.data import decoded, decoders
 from studylib.data.readers import list_images, nested_subset
 
 
@@ -38,7 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--folder", type=Path, help="decode a seeded subset of this folder instead of synthetic JPEGs")
     p.add_argument("--size", type=int, default=144, help="short side (default 144)")
     p.add_argument("--max-aspect", type=float, default=2.0, help="long side bound over short (0: square squash)")
-    p.add_argument("--workers", type=int, default=decoded._cpus(), help="the parallel run's processes (all CPUs)")
+    p.add_argument("--workers", type=int, default=decoders.cpus(), help="the parallel run's processes (all CPUs)")
     p.add_argument("--single-n", type=int, help="time the 1-worker run on only this many of the images")
     p.add_argument("--repeat", type=int, default=1, help="rounds of all the runs (default 1)")
     p.add_argument("--gpu", action="store_true", help="also time nvJPEG, where CUDA is available")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = pick(folder, args.n)
         warm(files)
         if gpu:  # CUDA's and nvJPEG's start-up is not decoding
-            decoded.decode_jpegs(files[:8], decoded.Geometry(args.size, args.max_aspect or None), "cuda")
+            decoders.decode_jpegs(files[:8], decoders.Geometry(args.size, args.max_aspect or None), "cuda")
         rounds = []
         for r in range(args.repeat):
             rounds.append(round_of_runs(folder, files, args, gpu))

@@ -106,9 +106,15 @@ def print_estimate(cfg, todo: list, runs: str) -> None:
         print(f"\nno bench rates of this device in {runs}/bench: measuring them first (a few minutes)")
         rates = bench.bench(cfg.device, cache=Path(runs).resolve() / "cache")
         print(f"rates: {bench.save_rates(runs, rates)}")
-    df = estimate.estimate(todo, rates, cfg.engine, cfg.workers, cfg.executor)
+    kind = rates["device_type"]
+    memory = estimate.memory_of(kind) if kind == estimate._device_type(cfg.device) else None  # this machine's
+    df = estimate.estimate(todo, rates, cfg.engine, cfg.workers, cfg.executor, memory)
     print(f"\nestimated wall time of the runs to do ({estimate.count(cfg.workers, 'worker')}):")
     print(estimate.format_estimate(df, rates, todo))
+    groups = estimate.fitted_schedule(todo, cfg.engine, kind, cfg.workers, cfg.executor, memory)
+    table = estimate.memory_table(groups, cfg.engine.fused(kind), memory)
+    print(f"\nmemory per group on the {'GPU' if kind == 'cuda' else 'CPU'} (device: images once + each member):")
+    print(estimate.format_memory(table, memory, kind))
 
 
 def cmd_bench(args) -> int:

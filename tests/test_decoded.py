@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from studylib.data import decoded as DD
+from studylib.data import decoders as DEC
 from studylib.data import readers as D
 from studylib.data.decoded import Decoded
 from studylib.data.readers import DataError
@@ -199,13 +200,13 @@ def test_one_and_two_workers_build_the_same_store(tmp_path, monkeypatch):
     files = _write(tmp_path / "many", 48)
     files[10].write_bytes(b"not an image at all" * 10)
     pools = []
-    real_pool = DD.ProcessPoolExecutor
+    real_pool = DEC.ProcessPoolExecutor
 
     def pool(workers, **kw):
         pools.append(workers)
         return real_pool(workers, **kw)
 
-    monkeypatch.setattr(DD, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(DEC, "ProcessPoolExecutor", pool)
     stores = {}
     for workers in (1, 2):
         cache = tmp_path / f"cache{workers}"
@@ -352,7 +353,7 @@ def test_torch_decode_path_on_the_cpu_is_close_to_pil(tmp_path, max_aspect):
         _smooth(w, h, i).save(files[-1], quality=95)
     geometry = DD.Geometry(32, max_aspect)
     for file, got in zip(files, DD.decode_jpegs(files, geometry, device="cpu")):
-        img, hw, reason = DD._decode_pil(file, geometry)
+        img, hw, reason = DEC.decode_pil(file, geometry)
         hw = np.broadcast_to(hw, (2,))
         assert reason is None and got is not None
         assert got[0].shape == img.shape and got[0].dtype == np.uint8
@@ -396,9 +397,9 @@ def _compare_with_pil(tmp_path: Path, files: list[Path], gpu: Decoded) -> None:
 def test_the_gpu_store_path_runs_on_the_cpu(tmp_path, monkeypatch):
     """The nvJPEG build (batches, PIL fallback, unreadable files) with torchvision's CPU decoder in its place."""
     files = _photos(tmp_path / "photos")
-    real = DD.decode_jpegs
-    monkeypatch.setattr(DD, "_decoder", lambda device, files: "nvjpeg")
-    monkeypatch.setattr(DD, "decode_jpegs", lambda files, geometry, device: real(files, geometry, "cpu"))
+    real = DEC.decode_jpegs
+    monkeypatch.setattr(DEC, "decoder_for", lambda device, files=(): "nvjpeg")
+    monkeypatch.setattr(DEC, "decode_jpegs", lambda files, geometry, device: real(files, geometry, "cpu"))
     gpu = DD.decoded_rows(files[0].parent, files, 32, 2.0, tmp_path / "gpu", skip=True)
     assert _index(tmp_path / "gpu")["key"]["decoder"] == "nvjpeg"
     monkeypatch.undo()  # the PIL store to compare with

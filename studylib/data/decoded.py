@@ -33,13 +33,10 @@ them). Rebuilding rather than re-decoding the row in place keeps committed rows 
 a source file is what the per-subset cache before this one also answered by decoding again; ImageNet's
 files never change.
 
-Decoders: `pil` (device "cpu"; what load_image_set uses) is exactly readers.decode_image, or
-decode_image_aspect and image_valid_size, run in `workers` processes. `nvjpeg` (device "cuda"; "auto"
-where CUDA is available and every requested file is named .jpg/.jpeg) decodes JPEGs in batches with
-torchvision.io.decode_jpeg on the GPU and resizes there at the same geometry, with torch's antialiased
-filter and the crop box rounded to whole pixels: not bit-identical to PIL (another IDCT and resampler),
-within a few grey levels; the decoder is part of the key, so the two never share a store. A file that is
-not a complete JPEG, or that nvJPEG rejects (CMYK), is decoded by PIL.
+Decoders (studylib.data.decoders): `pil` on the CPU, exactly as readers decodes; `nvjpeg` on a CUDA device,
+within a few grey levels of it (not bit-identical). The decoder is part of the key, recorded in the index
+("key": {"decoder": ...}), so the two never share a store. load_image_set decodes for the study's device
+(decoders.study_device): nvJPEG when it is CUDA, PIL elsewhere.
 """
 
 from __future__ import annotations
@@ -48,10 +45,7 @@ import fcntl
 import hashlib
 import io
 import json
-import multiprocessing
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,39 +54,14 @@ import numpy as np
 import torch
 
 from studylib.core.files import atomic_write_bytes, atomic_write_text, read_json
+from studylib.data import decoders as DEC
 from studylib.data import readers as R
+from studylib.data.decoders import GPU_BATCH, Geometry, decode_jpegs  # noqa: F401 (benchmarks/gpu_check.py reads them here)
+from studylib.data.resident import Origin
 from studylib.data.sources import default_cache_dir
 
 FORMAT = 1  # of the index and arrays; part of the key, so a new format never meets an old store
-MIN_ROWS_PER_PROCESS = 16  # below this many rows per worker the rows are decoded here (no pool to start)
-MAX_CHUNK = 256  # rows per task: small enough to balance the workers, large enough to amortise a task
 COMMIT_ROWS = 16384  # rows between index commits: an interrupted long build keeps the blocks it finished
-GPU_BATCH = 256  # files per decode_jpeg call
-JPEG_SUFFIXES = {".jpg", ".jpeg"}
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What a store holds per image: the square squash to size x size (max_aspect None), or the aspect-kept
-    layout of readers.decode_image_aspect (short side `size`, long side at most round(size * max_aspect))."""
-
-    size: int
-    max_aspect: float | None = None
-    interpolation: str = "bilinear"
-
-    def __post_init__(self):
-        if self.interpolation not in R.RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(R.RESAMPLE)}, got {self.interpolation!r}")
-        if self.max_aspect is not None and self.max_aspect < 1:
-            raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect}")
-        if self.max_aspect is not None and self.interpolation != "bilinear":
-            raise ValueError("the aspect-kept layout is resampled bilinear only")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        if self.max_aspect is None:
-            return (self.size, self.size, 3)
-        return (self.size, round(self.size * self.max_aspect), 3)
 
 
 @dataclass(frozen=True)
@@ -104,6 +73,7 @@ class Store:
     geometry: Geometry
     decoder: str  # 'pil' or 'nvjpeg'
     cache: Path
+    device: str = "cpu"  # where the decoder runs (not part of the key: every CUDA device decodes alike)
 
     @property
     def key(self) -> dict:
@@ -158,6 +128,7 @@ class Decoded:
     rows: np.ndarray  # [F] the row of each requested file
     unreadable: dict[int, str]  # position among the requested files -> why that file cannot be read
     shape: tuple[int, int, int]
+    source: str = ""  # the images' array file ("" for no rows)
 
     def chw(self, keep) -> np.ndarray:
         """The images of the requested files at positions `keep`, channel-first [len(keep), 3, H, W] uint8."""
@@ -187,12 +158,12 @@ def decoded_rows(
 ) -> Decoded:
     """The rows of `files` (inside `folder`) in the folder's store for this geometry, decoding first those it
     lacks: on device "cpu" with PIL in `workers` processes (default: every CPU this process may use), exactly
-    as readers decodes; on "cuda" with nvJPEG; "auto" picks (see the module docstring). Unreadable files are
+    as readers decodes; on a CUDA device with nvJPEG there; "auto" picks (decoders.decoder_for). Unreadable files are
     recorded in the store either way; without `skip` the first of them is then a DataError naming it and
     the fix."""
     geometry = Geometry(size, max_aspect, interpolation)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    store = Store(Path(folder), geometry, _decoder(device, files), cache)
+    store = Store(Path(folder), geometry, DEC.decoder_for(device, files), cache, str(device))
     if not files:
         return Decoded(np.zeros((0, *geometry.shape), np.uint8), None, np.zeros(0, np.int64), {}, geometry.shape)
     names = [Path(f).relative_to(store.folder).as_posix() for f in files]
@@ -201,7 +172,7 @@ def decoded_rows(
         index = read_index(store)
         rows, changed = _lookup(index, names, stats)
         if changed or (rows < 0).any():
-            index = _update(store, files, names, stats, workers or _cpus())
+            index = _update(store, files, names, stats, workers or DEC.cpus())
             rows, _ = _lookup(index, names, stats)
         try:
             found = _open(store, index, rows)
@@ -212,23 +183,6 @@ def decoded_rows(
     if found.unreadable and not skip:
         raise R.DataError(found.unreadable[min(found.unreadable)])
     return found
-
-
-def _decoder(device: str, files: list[Path]) -> str:
-    """'pil' for the CPU, 'nvjpeg' for CUDA; "auto" takes CUDA where it is there and the files are JPEGs."""
-    if device == "auto":
-        jpegs = all(Path(f).suffix.lower() in JPEG_SUFFIXES for f in files)
-        device = "cuda" if torch.cuda.is_available() and jpegs else "cpu"
-    if device == "cpu":
-        return "pil"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return "nvjpeg"
-    raise ValueError(f"device must be 'cpu', 'auto' or an available 'cuda', got {device!r}")
-
-
-def _cpus() -> int:
-    """The CPUs this process may use (a container's or taskset's share, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -281,7 +235,7 @@ def _open(store: Store, index: dict, rows: np.ndarray) -> Decoded:
     sizes = None if sizes_file is None else np.load(sizes_file, mmap_mode="r")
     bad = {row: reason for row, reason in index["unreadable"]}
     unreadable = {k: bad[row] for k, row in enumerate(rows.tolist()) if row in bad}
-    return Decoded(images, sizes, rows, unreadable, store.geometry.shape)
+    return Decoded(images, sizes, rows, unreadable, store.geometry.shape, str(store.array(index["generation"])))
 
 
 # ---------------------------------------------------------------- building and extending
@@ -333,9 +287,9 @@ def _add_block(store: Store, index: dict, files: list, names: list, stats: list,
         _grow(path, start + len(files))
     array, sizes = str(store.array(generation)), str(store.sizes(generation) or "")
     if store.decoder == "nvjpeg":
-        bad = _decode_chunk_gpu(array, sizes, start, files, store.geometry, bar)
+        bad = DEC.decode_rows_nvjpeg(array, sizes, start, files, store.geometry, bar, store.device)
     else:
-        bad = _decode_rows(array, sizes, start, files, store.geometry, workers, bar)
+        bad = DEC.decode_rows_pil(array, sizes, start, files, store.geometry, workers, bar)
     for path, _, _ in store.arrays(generation):
         _sync(path)
     index = {
@@ -385,151 +339,6 @@ def _sync(path: Path) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------- decoding on the CPU (PIL)
-
-
-def _decode_rows(array: str, sizes: str, start: int, files: list, geometry: Geometry, workers: int, bar) -> list:
-    """PIL-decode `files` into rows start.. with up to `workers` processes; [row, reason] per unreadable file."""
-    procs = max(1, min(workers, len(files) // MIN_ROWS_PER_PROCESS))
-    chunk = max(1, min(MAX_CHUNK, -(-len(files) // (4 * procs))))  # ~4 tasks per worker, to even out the load
-    jobs = [(start + i, [str(f) for f in files[i : i + chunk]]) for i in range(0, len(files), chunk)]
-    bad = []
-    if procs == 1:
-        for first, part in jobs:
-            bad += _decode_chunk(array, sizes, first, part, geometry)
-            bar.update(len(part))
-        return bad
-    with ProcessPoolExecutor(procs, mp_context=_pool_context()) as pool:
-        futures = {pool.submit(_decode_chunk, array, sizes, first, part, geometry): len(part) for first, part in jobs}
-        try:
-            for fut in as_completed(futures):
-                bad += fut.result()
-                bar.update(futures[fut])
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # a failed build decodes no further
-            raise
-    return sorted(bad)
-
-
-def _pool_context():
-    """fork on Linux, as torch's DataLoader workers: they start at once with this process's modules (spawn would
-    import torch again in each) and run only PIL and numpy. Elsewhere the platform's default."""
-    return multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-
-
-def _decode_chunk(array: str, sizes: str, start: int, files: list[str], geometry: Geometry) -> list:
-    """Decode `files` into rows start.. of the store's arrays, opened here so that no pixels are pickled back;
-    returns [row, reason] for each unreadable file, whose row is left zero."""
-    images = np.lib.format.open_memmap(array, mode="r+")
-    valid = np.lib.format.open_memmap(sizes, mode="r+") if sizes else None
-    bad = []
-    for row, file in enumerate(files, start):
-        img, hw, reason = _decode_pil(Path(file), geometry)
-        images[row] = img
-        if valid is not None:
-            valid[row] = hw
-        if reason is not None:
-            bad.append([row, reason])
-    images.flush()
-    if valid is not None:
-        valid.flush()
-    return bad
-
-
-def _decode_pil(path: Path, geometry: Geometry) -> tuple[np.ndarray | int, np.ndarray | int, str | None]:
-    """(image [H, W, 3], valid (h, w), None) exactly as load_image_set decoded it, or (0, 0, the reason)."""
-    try:
-        if geometry.max_aspect is None:
-            return R.decode_image(path, geometry.size, geometry.interpolation), geometry.size, None
-        img = R.decode_image_aspect(path, geometry.size, geometry.max_aspect)
-        return img, R.image_valid_size(path, geometry.size, geometry.max_aspect), None
-    except R.DataError as e:
-        return 0, 0, str(e)
-
-
-# ---------------------------------------------------------------- decoding on the GPU (nvJPEG)
-
-
-def _decode_chunk_gpu(array: str, sizes: str, start: int, files: list, geometry: Geometry, bar) -> list:
-    """As _decode_chunk, with decode_jpegs on CUDA a batch at a time (PIL for the files it returns None for),
-    each batch written to the memory map in one slice."""
-    images = np.lib.format.open_memmap(array, mode="r+")
-    valid = np.lib.format.open_memmap(sizes, mode="r+") if sizes else None
-    bad = []
-    for b in range(0, len(files), GPU_BATCH):
-        part = files[b : b + GPU_BATCH]
-        imgs, hws = np.zeros((len(part), *geometry.shape), np.uint8), np.zeros((len(part), 2), np.int32)
-        for k, (file, got) in enumerate(zip(part, decode_jpegs(part, geometry, "cuda"))):
-            imgs[k], hws[k], reason = _decode_pil(Path(file), geometry) if got is None else (*got, None)
-            if reason is not None:
-                bad.append([start + b + k, reason])
-        images[start + b : start + b + len(part)] = imgs
-        if valid is not None:
-            valid[start + b : start + b + len(part)] = hws
-        bar.update(len(part))
-    images.flush()
-    if valid is not None:
-        valid.flush()
-    return bad
-
-
-def decode_jpegs(files: list, geometry: Geometry, device: str = "cuda") -> list:
-    """JPEG files decoded in one batch by torchvision.io.decode_jpeg (nvJPEG on cuda, libjpeg on cpu) and laid
-    out at `geometry` by resize_like_pil: (image [H, W, 3] uint8, valid (h, w) int32) per file, None for a file
-    that is not a complete JPEG (PIL rejects a truncated one, libjpeg would grey its end) or that it rejects."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    datas = [Path(f).read_bytes() for f in files]
-    whole = [i for i, d in enumerate(datas) if d[:3] == b"\xff\xd8\xff" and d.rstrip(b"\0")[-2:] == b"\xff\xd9"]
-    tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in whole]
-    try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
-    except RuntimeError:  # one file it rejects fails the batch: one at a time then
-        decoded = [_decode_jpeg_one(t, device) for t in tensors]
-    laid = {i: resize_like_pil(img, geometry) for i, img in zip(whole, decoded) if img is not None}
-    out = [None] * len(files)
-    if laid:
-        batch = torch.stack([img for img, _ in laid.values()]).cpu().numpy()  # one copy back per batch
-        for k, (i, (_, hw)) in enumerate(laid.items()):
-            out[i] = (batch[k], hw)
-    return out
-
-
-def _decode_jpeg_one(data: torch.Tensor, device: str) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return None
-
-
-def resize_like_pil(img: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, np.ndarray]:
-    """A decoded [3, h, w] uint8 image laid out, on its own device, as the PIL path lays it out ([H, W, 3] and
-    the valid (h, w)): the same output size, the same crop box rounded to whole pixels, torch's antialiased
-    filter (close to PIL's, not equal)."""
-    h, w = img.shape[-2:]
-    if geometry.max_aspect is None:
-        s = geometry.size
-        return _resample(img, (s, s), geometry.interpolation).permute(1, 2, 0), np.array([s, s], np.int32)
-    (ow, oh), (left, top, right, bottom) = R.aspect_geometry(w, h, geometry.size, geometry.max_aspect)
-    out = _resample(img[:, round(top) : round(bottom), round(left) : round(right)], (oh, ow), "bilinear")
-    if oh > ow:  # portrait images lie transposed, as in decode_image_aspect
-        out = out.transpose(1, 2)
-    pad = geometry.shape[1] - out.shape[2]  # repeat the last column, as np.pad(mode="edge")
-    out = torch.cat([out, out[:, :, -1:].expand(-1, -1, pad)], dim=2)
-    return out.permute(1, 2, 0), np.array([oh, ow], np.int32)
-
-
-def _resample(img: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    x = img[None].float()
-    if interpolation == "nearest":
-        y = torch.nn.functional.interpolate(x, size=size, mode="nearest-exact")
-    else:
-        y = torch.nn.functional.interpolate(x, size=size, mode=interpolation, antialias=True, align_corners=False)
-    return y[0].round().clamp(0, 255).to(torch.uint8)
-
-
 # ---------------------------------------------------------------- subsets of the store
 
 
@@ -541,13 +350,15 @@ def load_image_set(
     cache_dir: str | Path | None = None,
     skip: bool = False,
     max_aspect: float | None = None,
+    device=None,
 ) -> R.ImageSet:
     """A seeded, nested subset of n unlabeled images (m = n less any unreadable files when skipping);
     labels are the subset's positions in the sorted file list. Without `max_aspect` every image is
     squashed to [3, size, size]; with it (>= 1) the aspect is kept: short side `size`, long side at most
     round(size * max_aspect), laid out as readers.ImageSet describes, valid sizes in `sizes`. The images are rows
     of the folder's decoded store (this module), which every n and seed shares: each file is
-    decoded once, on every core."""
+    decoded once, on every core (PIL), or by nvJPEG where `device` (default: decoders.study_device) is CUDA.
+    The set's `origin` names its rows in the store, for studylib.data.resident to share."""
     paths = R.list_images(root)
     if n > len(paths):
         raise R.DataError(
@@ -558,7 +369,7 @@ def load_image_set(
         raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
     order = sorted(R.nested_subset(len(paths), n, seed))
     chosen = [paths[i] for i in order]
-    found = decoded_rows(root, chosen, size, max_aspect, cache_dir, skip)
+    found = decoded_rows(root, chosen, size, max_aspect, cache_dir, skip, device=DEC.study_device(device))
     bad = sorted(found.unreadable)
     if chosen and len(bad) == len(chosen):
         raise R.DataError(f"none of the {len(chosen)} files could be read (first: {found.unreadable[bad[0]]})")
@@ -568,5 +379,6 @@ def load_image_set(
         torch.tensor(order, dtype=torch.long)[keep],
         [],
         [str(chosen[i]) for i in bad],
-        torch.from_numpy(found.valid_sizes(keep).astype(np.int64)),
+        origin=Origin.of(found.source, found.images, found.rows[keep], chw=True) if found.source else None,
+        sizes=torch.from_numpy(found.valid_sizes(keep).astype(np.int64)),
     )

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from studylib.core.files import atomic_save_npy, atomic_write_json, read_json
+from studylib.data.resident import Origin
 from studylib.data.sources import default_cache_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -40,12 +41,14 @@ class SegData:
     names: list[str]
     labels: torch.Tensor  # [N] breed class 0..36
     skipped: list[str] = field(default_factory=list)  # unreadable files left out
+    origin: Origin | None = None  # where images' rows lie in the decoded cache (studylib.data.resident shares them)
+    mask_origin: Origin | None = None  # the same for masks
 
     def subset(self, idx) -> SegData:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return SegData(
-            self.images[idx], self.masks[idx], [self.names[i] for i in idx.tolist()], self.labels[idx], self.skipped
-        )
+        origins = [None if o is None else o.subset(idx.numpy()) for o in (self.origin, self.mask_origin)]
+        names = [self.names[i] for i in idx.tolist()]
+        return SegData(self.images[idx], self.masks[idx], names, self.labels[idx], self.skipped, *origins)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -57,6 +60,7 @@ class ClassData:
     labels: torch.Tensor  # [N] long
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
+    origin: Origin | None = None  # where images' rows lie in the decoded cache (studylib.data.resident shares them)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,41 +115,72 @@ def cached_stack(
     """Decode every path with `decode` and stack; reuse the cached array when the sources and `what`
     (resolution, interpolation, kind) are unchanged. Returns the array and the indices of unreadable
     files: with `skip` their rows are zeros (callers drop them), without it the first one is an error."""
+    arr, bad, _ = _cached(paths, what, decode, cache_dir, empty_shape, skip)
+    return arr, bad
+
+
+def _cached(paths: list[Path], what: str, decode, cache_dir, empty_shape: tuple, skip: bool, batch=None):
+    """cached_stack, the array memory-mapped from its file, and that file (None for no paths). `batch`, when
+    given, decodes a list of paths at once -> [(image or None, None or why unreadable)] instead of `decode`."""
     if not paths:
-        return np.zeros(empty_shape, np.uint8), []
+        return np.zeros(empty_shape, np.uint8), [], None
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     file = cache_dir / f"{what.split('|')[0]}-{_cache_key(paths, what)}.npy"
     unreadable_file = file.with_suffix(".unreadable.json")
     if file.exists():
-        arr, bad = np.load(file), [tuple(b) for b in read_json(unreadable_file, [])]
+        bad = [tuple(b) for b in read_json(unreadable_file, [])]
     else:
-        arr, bad = _decode_all(paths, decode, what.split("|")[0], skip)
+        arr, bad = _decode_all(paths, decode, what.split("|")[0], skip, batch)
         if bad:
             atomic_write_json(unreadable_file, bad)
         atomic_save_npy(file, arr)
     if bad and not skip:
         raise DataError(bad[0][1])
-    return arr, [i for i, _ in bad]
+    # memory-mapped: the same values as a full read, without a host copy of the whole split
+    return np.load(file, mmap_mode="r"), [i for i, _ in bad], file
 
 
-def _decode_all(paths: list[Path], decode, name: str, skip: bool):
+def _decode_all(paths: list[Path], decode, name: str, skip: bool, batch=None):
     from tqdm.auto import tqdm
 
     from studylib.core.train import progress_enabled
 
     rows, bad = [], []
-    for i, p in enumerate(tqdm(paths, desc=f"decoding {name}", disable=not progress_enabled(), leave=False)):
-        try:
-            rows.append(decode(p))
-        except DataError as e:
+    if batch is not None:
+        decoded = batch(paths)
+    else:
+        decoded = (_decode_one(decode, p) for p in paths)
+    bar = tqdm(decoded, total=len(paths), desc=f"decoding {name}", disable=not progress_enabled(), leave=False)
+    for i, (row, reason) in enumerate(bar):
+        if reason is not None:
             if not skip:
-                raise
-            bad.append((i, str(e)))
-            rows.append(None)
+                raise DataError(reason)
+            bad.append((i, reason))
+        rows.append(row)
     shape = next((r.shape for r in rows if r is not None), None)
     if shape is None:
         raise DataError(f"none of the {len(paths)} files could be read (first: {bad[0][1]})")
     return np.stack([np.zeros(shape, np.uint8) if r is None else r for r in rows]), bad
+
+
+def _decode_one(decode, path: Path):
+    try:
+        return decode(path), None
+    except DataError as e:
+        return None, str(e)
+
+
+def _image_decoding(kind: str, size: int, interpolation: str, device) -> tuple[str, object]:
+    """The cache kind and batch decoder of images at size x size for `device` (decoders.study_device when
+    None): PIL per file on the CPU (kind unchanged, batch None); nvJPEG on a CUDA device, kind `<kind>-nvjpeg`,
+    so that the file's name says which decoder wrote it and the two never meet."""
+    from studylib.data import decoders
+
+    device = decoders.study_device(device)
+    if decoders.decoder_for(device) == "pil":
+        return kind, None
+    geometry = decoders.Geometry(size, None, interpolation)
+    return f"{kind}-nvjpeg", lambda paths: decoders.decode_files(paths, geometry, device)
 
 
 def _chw(arr: np.ndarray) -> torch.Tensor:
@@ -187,8 +222,10 @@ def load_pets(
     interpolation: str = "bilinear",
     cache_dir: str | Path | None = None,
     skip: bool = False,
+    device=None,
 ) -> SegData:
-    """One official split ('trainval' or 'test') at size x size."""
+    """One official split ('trainval' or 'test') at size x size; the images decoded for `device` (PIL, or
+    nvJPEG on a CUDA device; default decoders.study_device), the trimaps by PIL."""
     root = pets_root(root)
     entries = read_pets_list(root, split)
     imgs = [_find_image(root / "images", name) for name, _ in entries]
@@ -196,15 +233,17 @@ def load_pets(
     for t in tris:
         if not t.is_file():
             raise DataError(f"missing trimap {t} for an image listed in {split}.txt")
-    images, bad_img = cached_stack(
+    kind, batch = _image_decoding("pets-img", size, interpolation, device)
+    images, bad_img, img_file = _cached(
         imgs,
-        f"pets-img|{size}|{interpolation}",
+        f"{kind}|{size}|{interpolation}",
         lambda p: decode_image(p, size, interpolation),
         cache_dir,
         (0, size, size, 3),
         skip,
+        batch,
     )
-    masks, bad_tri = cached_stack(
+    masks, bad_tri, tri_file = _cached(
         tris, f"pets-trimap|{size}", lambda p: decode_trimap(p, size), cache_dir, (0, size, size), skip
     )
     bad = set(bad_img) | set(bad_tri)
@@ -212,11 +251,17 @@ def load_pets(
     labels = torch.tensor([entries[i][1] for i in keep], dtype=torch.long)
     return SegData(
         _chw(images[keep]),
-        torch.from_numpy(masks[keep]),
+        torch.from_numpy(np.asarray(masks[keep])),
         [entries[i][0] for i in keep],
         labels,
         [str(imgs[i]) for i in sorted(bad)],
+        _origin(img_file, images, keep, chw=True),
+        _origin(tri_file, masks, keep),
     )
+
+
+def _origin(file, array: np.ndarray, keep: list[int], chw: bool = False) -> Origin | None:
+    return None if file is None else Origin.of(file, array, keep, chw)
 
 
 def _find_image(folder: Path, name: str) -> Path:
@@ -251,7 +296,9 @@ def load_intel(
     cache_dir: str | Path | None = None,
     skip: bool = False,
     interpolation: str = "bilinear",
+    device=None,
 ) -> ClassData:
+    """One split ('train' or 'test') at size x size, decoded for `device` as load_pets decodes."""
     base = intel_split_dir(root, split)
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
@@ -261,17 +308,23 @@ def load_intel(
         files = sorted(p for p in (base / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         paths += files
         labels += [k] * len(files)
-    images, bad = cached_stack(
+    kind, batch = _image_decoding("intel-img", size, interpolation, device)
+    images, bad, file = _cached(
         paths,
-        f"intel-img|{size}|{interpolation}",
+        f"{kind}|{size}|{interpolation}",
         lambda p: decode_image(p, size, interpolation),
         cache_dir,
         (0, size, size, 3),
         skip,
+        batch,
     )
     keep = [i for i in range(len(paths)) if i not in set(bad)]
     return ClassData(
-        _chw(images[keep]), torch.tensor(labels, dtype=torch.long)[keep], classes, [str(paths[i]) for i in bad]
+        _chw(images[keep]),
+        torch.tensor(labels, dtype=torch.long)[keep],
+        classes,
+        [str(paths[i]) for i in bad],
+        _origin(file, images, keep, chw=True),
     )
 
 

@@ -8,7 +8,7 @@ import torch
 from studylib.data.readers import SegData, load_pets, nested_subset
 
 
-def segmentation_split(paths, s, n_train: int, seed: int, img_size: int, all_but_test: bool = False):
+def segmentation_split(paths, s, n_train: int, seed: int, img_size: int, all_but_test: bool = False, device=None):
     """Train and test sets of the Pets data (trainval and test lists).
     'fixed' (clean): both lists pooled; the test set is one subset (seeded by s.split_seed) that is the
       same for every fine-tune size and seed; train sets are nested subsets of the rest, seeded by `seed`.
@@ -17,9 +17,12 @@ def segmentation_split(paths, s, n_train: int, seed: int, img_size: int, all_but
       seeded by s.split_seed (the authors: 42) for every run; train = the first n, test = the next
       test_size. Two seeds of one size share train and test sets; the test set moves with the size.
     With `all_but_test`, the train set is every image outside that test set (intermediate arms).
-    `paths`: data.sources.DataPaths; `s`: the segment settings (split, split_seed, test_size, interpolation)."""
-    trainval = load_pets(paths.pets, "trainval", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
-    test = load_pets(paths.pets, "test", img_size, s.interpolation, paths.cache, paths.skip_unreadable)
+    `paths`: data.sources.DataPaths; `s`: the segment settings (split, split_seed, test_size, interpolation);
+    `device`: what the images are decoded for (readers.load_pets)."""
+    trainval, test = (
+        load_pets(paths.pets, split, img_size, s.interpolation, paths.cache, paths.skip_unreadable, device)
+        for split in ("trainval", "test")
+    )
     if s.split == "official":
         _check_sizes(n_train, len(trainval), s.test_size, len(test), "trainval", "test.txt")
         train_idx = np.arange(len(trainval)) if all_but_test else nested_subset(len(trainval), n_train, seed)
@@ -56,7 +59,14 @@ def _concat(a: SegData, b: SegData) -> SegData:
         a.names + b.names,
         torch.cat([a.labels, b.labels]),
         a.skipped + b.skipped,
+        _concat_origin(a.origin, b.origin),
+        _concat_origin(a.mask_origin, b.mask_origin),
     )
+
+
+def _concat_origin(a, b):
+    """The origin of a set concatenated from two (None unless both have one: an empty split has none)."""
+    return a.concat(b) if a is not None and b is not None else None
 
 
 def patch_labels(masks: torch.Tensor, grid: int, num_classes: int = 3) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 
 from studylib.core.fused_fit import fit_jobs
 from studylib.core.train import deterministic_setup, resolve_device, tf32
+from studylib.data import resident
+from studylib.data.decoders import using_device
 from studylib.study import stages
 from studylib.study.config import EngineConfig, ParamError, build
 from studylib.study.lifecycle import Prepared, StageResult, run_folder
@@ -90,15 +92,18 @@ def run_group(stage: str, members: list[dict], engine: dict | None = None, **com
     dev = resolve_device(common.get("device", "auto"))
     _set_threads(e.threads, dev)
     imported = stage == "pretrain" and (common.get("settings") or {}).get("from_encoder")
-    if e.fused(dev) and len(members) > 1 and not imported:
-        return GroupResult(stage, _run_fused(stage, members, e, dev, common))
-    results = {}
-    for m in members:
-        try:
-            results[m["run_dir"]] = stages.STAGE[stage](**common, **m, engine=engine)
-        except Exception as err:  # recorded, the group goes on
-            results[m["run_dir"]] = _failed(m["run_dir"], err)
-    return GroupResult(stage, results)
+    # the members decode for the group's device (nvJPEG on CUDA) and share one device copy of their images,
+    # freed when the group ends
+    with using_device(dev), resident.group():
+        if e.fused(dev) and len(members) > 1 and not imported:
+            return GroupResult(stage, _run_fused(stage, members, e, dev, common))
+        results = {}
+        for m in members:
+            try:
+                results[m["run_dir"]] = stages.STAGE[stage](**common, **m, engine=engine)
+            except Exception as err:  # recorded, the group goes on
+                results[m["run_dir"]] = _failed(m["run_dir"], err)
+        return GroupResult(stage, results)
 
 
 def _failed(run_dir: str, err: Exception) -> Exception:

@@ -34,6 +34,7 @@ from studylib.core.model import (
     model_config,
 )
 from studylib.core.train import Job, Schedule, cross_entropy, resolve_device
+from studylib.data import resident
 from studylib.data.decoded import load_image_set
 from studylib.data.readers import (
     PET_CLASSES,
@@ -128,7 +129,7 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
     cached = round(cfg.img_size * (1 + s.cache_margin))
     image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0)
     # the uint8 images move to the device once; the closures below keep no host copy (image_set is not captured)
-    images, sizes, skipped = image_set.images.to(dev), image_set.sizes, image_set.skipped
+    images, sizes, skipped = resident.share(image_set.origin, image_set.images, dev), image_set.sizes, image_set.skipped
     canvas = tuple(images.shape[-2:])
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
@@ -285,7 +286,8 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
-    images, labels = train.images.to(dev), train_y.to(dev)  # the uint8 images move to the device once
+    # the uint8 images move to the device once, shared with the group's other members (data.resident)
+    images, labels = resident.share(train.origin, train.images, dev), train_y.to(dev)
 
     def batch(idx, g):
         # the host draws in the recipe's order (flip, contrast, then MixUp's), then one copy to the device
@@ -384,9 +386,10 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
     frozen = (
         _flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed)) if s.frozen_augmentation else None
     )
-    # the uint8 images move to the device once; the closures below keep no host copy of them (`train` is not
-    # captured: its count and skipped files are)
-    images, masks = train.images.to(dev), train.masks.to(dev)
+    # the uint8 images move to the device once, shared with the group's other members (data.resident); the
+    # closures below keep no host copy of them (`train` is not captured: its count and skipped files are)
+    images = resident.share(train.origin, train.images, dev)
+    masks = resident.share(train.mask_origin, train.masks, dev)
     n_train, train_skipped = len(train), train.skipped
 
     def batch(idx, g):
