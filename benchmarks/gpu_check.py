@@ -14,6 +14,9 @@ and the script goes on. What it measures, on synthetic data:
                     -- each with images/s, achieved TFLOP/s (counted matmul FLOPs), and from torch.profiler over
                     a few steps: the GPU-busy fraction, host-to-device copies and synchronisations per step, and
                     the attention kernels that ran; `setup_s` is the warm-up beyond steady steps (a compile)
+    fused_compiled  the same groups with the stacked forward and loss compiled as fused_fit compiles them
+                    (one fullgraph graph, CUDA graphs under 'reduce-overhead'): `setup_s` is the compile time.
+                    On a CPU only the segmentation group, once (fp32: a CPU trains without autocast), to stay short
     deterministic   one segmentation step taken twice from the same state in deterministic mode: equal bits?
     decode          JPEG decoding into the store's layout: nvJPEG on CUDA (libjpeg on a CPU), images/s
 """
@@ -38,13 +41,15 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 
 from studylib.core import train as T  # noqa: E402
+from studylib.core.fused import Fused, compile_losses, fused_step, make_fused_optimizer, takes_weight  # noqa: E402
 from studylib.study import bench as B  # noqa: E402
+from studylib.study.config import EngineConfig  # noqa: E402
 
 GPU = B.Box(batch=64, members=(3, 21), warmup=3, min_steps=10, min_seconds=2.0, max_seconds=8.0)
 CPU = B.Box(batch=4, members=(2, 3), warmup=1, min_steps=2, min_seconds=0.0, max_seconds=1.0)
 TINY = B.Box(batch=2, members=(2, 2), warmup=1, min_steps=1, min_seconds=0.0, max_seconds=0.0)  # the test's
 PROFILED_STEPS = 3
-PLAN = ("versions", "reference", "single", "fused", "deterministic", "decode")
+PLAN = ("versions", "reference", "single", "fused", "fused_compiled", "deterministic", "decode")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,6 +155,41 @@ def measure_fused(prepared: list, dev, box: B.Box, precision: str, tf32: bool, f
         return {**out, **profile(steps[-1], dev)}
 
 
+def measure_fused_compiled(prepared: list, dev, box: B.Box, precision: str, tf32: bool, flops: int) -> dict:
+    """measure_fused with the group's forward and loss compiled in the engine's mode for this device (compile
+    forced on a CPU, where the engine leaves it off), then profiled."""
+    sched = dataclasses.replace(prepared[0].sched, precision=precision, tf32=tf32)
+    steps: list = []
+    with T.tf32(dev, tf32):
+        out = rate(compiled_group(prepared, sched, dev, box, on_step=steps.append), len(prepared), box.batch, flops)
+        return {**out, **profile(steps[-1], dev)}
+
+
+def compiled_group(prepared: list, sched: T.Schedule, dev, box: B.Box, on_step=None) -> dict:
+    """bench.fused's step (full batches drawn per member, the losses summed on the device) with the stacked
+    forward and loss from fused.compile_losses, as fused_fit trains a group with compile on."""
+    jobs = [p.job for p in prepared]
+    mode = EngineConfig(compile="on").compile_mode(dev)
+    group = Fused([j.task.to(dev).train() for j in jobs], dev)
+    opt, amp = make_fused_optimizer(group, sched, dev), T.autocast(dev, sched.precision)
+    forward = compile_losses(group, jobs[0].loss, mode)
+    # every batch here is full: a loss that takes weights gets all ones, as fused_fit passes them
+    weight = torch.ones(sched.batch_size, device=dev) if takes_weight(jobs[0].loss) else None
+    gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
+    total = torch.zeros(len(jobs), device=dev, dtype=torch.float64)
+
+    def step():
+        nonlocal total
+        drawn = [j.batch(torch.randperm(j.n_train, generator=g)[: sched.batch_size], g) for j, g in zip(jobs, gens)]
+        batches = tuple(torch.stack(parts) for parts in zip(*drawn))
+        total += fused_step(group, opt, jobs[0].loss, batches, amp, weight, forward).double() * sched.batch_size
+
+    if on_step is not None:
+        on_step(step)
+    out = B.timed(step, dev, box)
+    return {**out, "compile_mode": mode, "precision": B._precision(dev, sched.precision)}
+
+
 def measure_single(prepared, dev, box: B.Box, flops: int) -> dict:
     steps: list = []
     with T.tf32(dev, prepared.sched.tf32):
@@ -241,13 +281,16 @@ def _stage(record: Recorder, task: str, members: int, model: str, dev, box: B.Bo
     flops = B.train_flops_per_image(B.model_config(model), task)
     labels = {"stage": task, "model": model, "batch": box.batch}
     record("reference", partial(measure_reference, task, model, dev, box, flops), members=1, **labels)
-    if not record.wants("single", "fused", "deterministic"):
+    if not record.wants("single", "fused", "fused_compiled", "deterministic"):
         return
     prepared = B.prepare_jobs(task, model, dev, data, folder, members, box.batch)
     record("single", partial(measure_single, prepared[0], dev, box, flops), members=1, **labels)
     for precision in ("bf16", "fp32"):
         measure = partial(measure_fused, prepared, dev, box, precision, True, flops)
         record("fused", measure, members=members, asked_precision=precision, tf32=True, **labels)
+        if dev.type == "cuda" or (task == "segment" and precision == "fp32"):
+            measure = partial(measure_fused_compiled, prepared, dev, box, precision, True, flops)
+            record("fused_compiled", measure, members=members, asked_precision=precision, tf32=True, **labels)
     if task == "segment":
         record("deterministic", partial(deterministic_twice, prepared[0], dev), **labels)
 
