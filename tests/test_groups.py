@@ -46,15 +46,33 @@ def test_groups_hold_runs_of_one_shape_within_the_cap(tmp_path):
             assert sizes == per_size  # split evenly
     # one group per pre-training size and per intermediate arm: the seeds differ, the shapes do not
     assert [len(g.runs) for g in grid.groups(plan, 8) if g.stage != "segment"] == [3, 3, 3]
-    # two workers running sequential groups: each shape in at least two groups, so neither worker idles
-    assert [len(g.runs) for g in grid.groups(plan, 8, spread=2) if g.stage != "segment"] == [2, 1, 2, 2, 1, 1]
-    # sequential groups hold at most max_steps image-steps; the most work starts first within a stage
-    big = next(r for r in seg if r.params["size"] == 16)
-    capped = [g for g in grid.groups(plan, 100, max_steps=2 * grid.image_steps(big)) if g.stage == "segment"]
+
+
+def test_sequential_groups_share_kernels_across_sizes_and_balance_the_workers(tmp_path):
+    plan = grid.plan(config.resolve(_cfg(tmp_path, seeds=[0, 1, 2], finetune_sizes=[8, 16])))
+    seg = [r for r in plan if r.stage == "segment"]
+    # one after another, runs that wait for the same kind of parent share a kernel whatever their size:
+    # 4 segmentation arms (scratch, mim, mim + intel, mim + spatial), each one group of 2 sizes x 3 seeds
+    gs = grid.groups(plan, 100, spread=2, max_steps=10**9)
+    seg_groups = [g for g in gs if g.stage == "segment"]
+    assert sorted(len(g.runs) for g in seg_groups) == [6, 6, 6, 6]
+    for g in seg_groups:
+        assert len({grid.wait_key(r) for r in g.runs}) == 1 and {r.params["size"] for r in g.runs} == {8, 16}
+        assert len({(r.labels["pretrain_size"], r.labels["intermediate"]) for r in g.runs}) == 1
+    # a stage with one kind of parent is still split over the 2 workers (here the one pre-training size)
+    assert sorted(len(g.runs) for g in gs if g.stage == "pretrain") == [1, 2]
+    assert sorted(r.id for g in gs for r in g.runs) == sorted(r.id for r in plan)  # each run once
+    # as few groups as hold max_steps image-steps each, balanced to within one run: 3 + 3 runs of 8 and 16
+    per_arm, longest = sum(grid.image_steps(r) for r in seg) // 4, max(grid.image_steps(r) for r in seg)
+    capped = [g for g in grid.groups(plan, 100, spread=2, max_steps=per_arm // 2) if g.stage == "segment"]
     work = [sum(grid.image_steps(r) for r in g.runs) for g in capped]
-    assert max(work) <= 2 * grid.image_steps(big) and work == sorted(work, reverse=True)
-    assert sorted(r.id for g in capped for r in g.runs) == sorted(r.id for r in seg)
-    assert sorted(len(g.runs) for g in grid.groups(plan, 100, spread=2) if g.stage == "segment") == [6, 6, 6, 6]
+    assert len(capped) == 8 and max(work) - min(work) <= longest and max(work) < per_arm // 2 + longest
+    assert work == sorted(work, reverse=True) and sorted(r.id for g in capped for r in g.runs) == sorted(
+        r.id for r in seg
+    )
+    # an explicit group size caps the members; 1 runs each in its own kernel
+    assert max(len(g.runs) for g in grid.groups(plan, 4, spread=2, max_steps=10**9)) <= 4
+    assert {len(g.runs) for g in grid.groups(plan, 1, spread=2, max_steps=10**9)} == {1}
 
 
 def test_engine_settings_are_checked_and_resolved_per_device():
@@ -148,12 +166,14 @@ def test_study_run_executes_one_notebook_per_group(tmp_path):
     summary = runner.execute(plan, tmp_path / "runs", device="cpu", echo=lines.append)
     assert summary.ok and len(summary.ran) == len(plan) == 2 + 4
     notebooks = {RunFolder.of(r, tmp_path / "runs").notebook for r in plan}
-    assert len(notebooks) == 2 and all(n.is_file() for n in notebooks)  # pretrain x2, segment x4
-    seg = [r for r in plan if r.stage == "segment"]
-    (nb,) = {RunFolder.of(r, tmp_path / "runs").notebook for r in seg}
-    params = json.loads(nb.read_text())["metadata"]["papermill"]["parameters"]
-    assert sorted(params["run_dirs"]) == sorted(str(r.dir(tmp_path / "runs")) for r in seg)
-    assert set(params) == {"run_dirs", "device", "engine"}  # the settings live in each run's params.json only
+    # pretrain x2 in one kernel; segment by the parent it waits for: scratch x2, mim x2
+    assert len(notebooks) == 3 and all(n.is_file() for n in notebooks)
+    for size in (0, 32):
+        seg = [r for r in plan if r.stage == "segment" and r.labels["pretrain_size"] == size]
+        (nb,) = {RunFolder.of(r, tmp_path / "runs").notebook for r in seg}
+        params = json.loads(nb.read_text())["metadata"]["papermill"]["parameters"]
+        assert sorted(params["run_dirs"]) == sorted(str(r.dir(tmp_path / "runs")) for r in seg)
+        assert set(params) == {"run_dirs", "device", "engine"}  # the settings live in each run's params.json only
     assert all((r.dir(tmp_path / "runs") / "provenance.json").exists() for r in plan)
     assert lines[-1].startswith(f"[{len(plan)}/{len(plan)} runs,") and "min left]" in lines[-1]
 

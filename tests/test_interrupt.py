@@ -340,7 +340,9 @@ def test_the_runner_executes_the_schedule_of_grid(tmp_path):
     assert [g.id for g in book.pending] == [g.id for g in grid.schedule(plan, eng, "cpu", 2)]
     cpu = grid.schedule(plan, eng, "cpu", 2)
     cluster = grid.schedule(plan, eng, "cpu", 2, executor="slurm")
-    assert len(cpu) > len(cluster)  # sequential on local workers: shapes spread and capped in image-steps
+    # sequential on local workers: the sizes of an arm share kernels, capped in image-steps
+    assert any(len({r.params["size"] for r in g.runs}) > 1 for g in cpu if g.stage == "segment")
     for g in cpu:
-        assert len(g.runs) == 1 or sum(grid.image_steps(r) for r in g.runs) <= grid.SEQUENTIAL_GROUP_STEPS
+        work = [grid.image_steps(r) for r in g.runs]
+        assert sum(work) - max(work) < grid.SEQUENTIAL_GROUP_STEPS  # passed by less than one run
     assert all(len(g.runs) <= eng.members("cpu") for g in cluster)

@@ -115,8 +115,9 @@ def plan(cfg: StudyConfig) -> list[Run]:
 
 @dataclass
 class Group:
-    """Runs of one stage that share the model and step shape (settings, data size): executed in one
-    kernel, and on a GPU trained as one stacked model. They differ in seed and parent encoder."""
+    """Runs of one stage executed in one kernel. Fused (a GPU) they share the model and step shape (settings,
+    data size) and train as one stacked model, differing in seed and parent encoder; one after another (a
+    CPU) they share the model, data and settings (`wait_key`) and may differ in size too."""
 
     stage: str
     runs: list[Run]
@@ -140,21 +141,81 @@ def shape_key(run: Run) -> str:
     return json.dumps({"stage": run.stage, **{k: v for k, v in run.params.items() if k != "seed"}}, sort_keys=True)
 
 
+def wait_key(run: Run) -> str:
+    """Runs with equal keys share the stage's arguments (model, data, settings) and wait for the same kind of
+    parent (the same pre-training size and arm), so one kernel can train them one after another: the shape
+    without the seed and the run's own size (the pre-training or fine-tune size)."""
+    own = {"pretrain": "pretrain_size", "segment": "finetune_size"}.get(run.stage)
+    params = {k: v for k, v in run.params.items() if k not in ("seed", "size")}
+    labels = {k: v for k, v in run.labels.items() if k not in ("seed", own)}
+    return json.dumps({"stage": run.stage, **params, "labels": labels}, sort_keys=True)
+
+
 def groups(runs: list[Run], size: int, spread: int = 1, max_steps: int = 0) -> list[Group]:
-    """The runs in groups of equal shape, at most `size` each (split evenly); in stage order, the most work
-    first within a stage (the longest groups start first, so they do not finish last). Members of a
-    sequential (not fused) group run one after another, so: with spread = k a shape's runs form at least k
-    groups where they can (k workers stay busy), and with max_steps a group holds at most that many
-    image-steps (a long run pays one kernel start either way; one worker must not get them all)."""
+    """The groups the runs execute in, in stage order, the most work first within a stage (the longest
+    groups start first, so they do not finish last).
+    Fused (max_steps 0): runs of equal shape (shape_key), at most `size` per group, split evenly.
+    Sequential (max_steps > 0: members run one after another, so only kernel starts are shared): runs of
+    equal wait_key packed into as few groups as hold max_steps image-steps and `size` runs each (a kernel
+    start, seconds, is paid per group, not per run; a run longer than max_steps is a group of its own), then each stage
+    split into at least `spread` groups where it can (that many workers stay busy)."""
+    if max_steps <= 0:
+        return _by_order(_fused_groups(runs, size))
+    out: list[Group] = []
+    for stage in STAGES:
+        by_key: dict[str, list[Run]] = {}
+        for run in runs:
+            if run.stage == stage:
+                by_key.setdefault(wait_key(run), []).append(run)
+        packed = [Group(stage, b) for members in by_key.values() for b in _pack(members, max_steps, size)]
+        out += _spread(packed, spread)
+    return _by_order(out)
+
+
+def _fused_groups(runs: list[Run], size: int) -> list[Group]:
     by_key: dict[str, list[Run]] = {}
     for run in runs:
         by_key.setdefault(shape_key(run), []).append(run)
     out = []
     for members in by_key.values():
-        per_group = max(1, min(size, max_steps // max(1, image_steps(members[0])))) if max_steps else max(1, size)
-        chunks = max(-(-len(members) // per_group), min(len(members), spread))
+        chunks = -(-len(members) // max(1, size))
         out += [Group(members[0].stage, members[i::chunks]) for i in range(chunks)]
-    return sorted(out, key=lambda g: (STAGES.index(g.stage), -sum(image_steps(r) for r in g.runs)))
+    return out
+
+
+def _work(runs: list[Run]) -> int:
+    return sum(image_steps(r) for r in runs)
+
+
+def _pack(members: list[Run], max_steps: int, size: int) -> list[list[Run]]:
+    """As few bins as hold the work at max_steps image-steps each and at most `size` runs, balanced by
+    work: the longest run first into the least loaded bin with room (a bin may pass max_steps by less
+    than one run)."""
+    n_bins = max(-(-_work(members) // max_steps), -(-len(members) // max(1, size)), 1)
+    bins: list[list[Run]] = [[] for _ in range(min(n_bins, len(members)))]
+    for run in sorted(members, key=lambda r: (-image_steps(r), r.id)):
+        min((b for b in bins if len(b) < size), key=_work).append(run)
+    return bins
+
+
+def _spread(stage_groups: list[Group], spread: int) -> list[Group]:
+    """Split the stage's largest group in two (balanced by work) until it has `spread` groups or none can split."""
+    out = list(stage_groups)
+    while len(out) < spread:
+        splittable = [g for g in out if len(g.runs) > 1]
+        if not splittable:
+            break
+        big = max(splittable, key=lambda g: _work(g.runs))
+        halves: list[list[Run]] = [[], []]
+        for run in sorted(big.runs, key=lambda r: (-image_steps(r), r.id)):
+            min(halves, key=_work).append(run)
+        out.remove(big)
+        out += [Group(big.stage, h) for h in halves]
+    return out
+
+
+def _by_order(gs: list[Group]) -> list[Group]:
+    return sorted(gs, key=lambda g: (STAGES.index(g.stage), -_work(g.runs)))
 
 
 # A sequential group holds at most this many image-steps (about 2.5 min of viny-tiny on one CPU core):
@@ -164,15 +225,17 @@ SEQUENTIAL_GROUP_STEPS = 30_000
 
 def schedule(runs: list[Run], engine: EngineConfig, device: str, workers: int, executor: str = "local") -> list[Group]:
     """The groups the runner executes `runs` in (and the estimate predicts): engine.group_size members (by
-    device) fused on a GPU; where members run one after another (not fused, local workers), each shape is
-    spread over the workers and a group holds at most SEQUENTIAL_GROUP_STEPS image-steps."""
+    device) fused on a GPU; where members run one after another (not fused, local workers), the runs that
+    wait for the same kind of parent share kernels of at most SEQUENTIAL_GROUP_STEPS image-steps (and
+    engine.group_size runs when it is set), each stage spread over the workers."""
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sequential = not engine.fused(device) and executor == "local"
-    spread, max_steps = (workers, SEQUENTIAL_GROUP_STEPS) if sequential else (1, 0)
-    return [g for g in groups(runs, engine.members(device), spread, max_steps) if g.runs]
+    if sequential:
+        return [g for g in groups(runs, engine.group_size or len(runs), workers, SEQUENTIAL_GROUP_STEPS) if g.runs]
+    return [g for g in groups(runs, engine.members(device)) if g.runs]
 
 
 INTEL_TRAIN_IMAGES = 14034  # the published seg_train (paper.md)
