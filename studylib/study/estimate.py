@@ -283,7 +283,7 @@ def fitted_schedule(
     fits in `memory` bytes of the device (memory_of: the GPU's, or the host's on a CPU). An explicit
     group_size is kept as given (the estimate says when it does not fit)."""
     device = _device_type(device)
-    if engine.group_size or memory is None:
+    if engine.group_size or memory is None or not engine.fused(device):  # one after another: one member at a time
         return schedule(runs, engine, device, workers, executor)
     shapes: dict[str, list[Run]] = {}
     for r in runs:

@@ -27,7 +27,7 @@ from studylib.core.train import progress_enabled
 from studylib.study import execution, store
 from studylib.study.config import EngineConfig, TimeoutConfig, build, to_dict
 from studylib.study.execution import CELL_TIMEOUT, run_notebook
-from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, image_steps, schedule
+from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, image_steps
 from studylib.study.locks import RunLock
 from studylib.study.store import RUNNER_LOCK, RunFolder
 
@@ -225,6 +225,14 @@ def skipped_line(run: Run, runs: Path) -> str | None:
     return f"{run.stage}/{run.id}: {what} (data.skip_unreadable)"
 
 
+def _schedule(runs: list[Run], ex: Execution, workers: int, executor: str) -> list[Group]:
+    """grid.schedule with an automatic group size capped to fit the device's memory (the estimate's groups)."""
+    from studylib.study.estimate import _device_type, fitted_schedule, memory_of
+
+    device = _device_type(ex.device)
+    return fitted_schedule(runs, ex.engine, device, workers, executor, memory_of(device))
+
+
 class _Book:
     """Tracks outcomes while a plan executes: which runs are finished, failed, or blocked; prints a
     progress line per finished group with an estimate of the time left."""
@@ -232,7 +240,7 @@ class _Book:
     def __init__(self, plan: list[Run], ex: Execution, echo, workers: int, executor: str):
         self.summary = Summary(done=[r.id for r in plan if RunFolder.of(r, ex.runs).is_done])
         done = set(self.summary.done)
-        self.pending = schedule([r for r in plan if r.id not in done], ex.engine, ex.device, workers, executor)
+        self.pending = _schedule([r for r in plan if r.id not in done], ex, workers, executor)
         self.runs = ex.runs
         self.total = sum(len(g.runs) for g in self.pending)
         self.cost = {r.id: max(1, image_steps(r)) for g in self.pending for r in g.runs}
