@@ -1,9 +1,15 @@
 """Where a finished study's wall time went, per stage: the training epochs (train_log.jsonl) against the
 wall time of the kernels that ran them (provenance.json: one wall time per group, shared by its members).
 What is not training - kernel start, imports, data loading, evaluation, papermill writing the notebook - is
-the overhead, given per run (the issue's target: at most 2 s per demo segmentation run on a CPU).
+the overhead, given per run.
 
-    python benchmarks/run_overhead.py --runs runs [--json]
+With --workers and a bench result (`study bench --device cpu --json > rates.json`, run in the same session),
+also the run phase against the bare step: from the first kernel's start to the last one's end (provenance),
+the seconds its image-steps would take at the bench's single-run rate of their stage, over the workers'
+seconds (workers x the run phase). 1.0 would be every worker training at the bare-step rate all the time;
+kernel starts, evaluation, checkpoints and workers idle while runs wait for their parents all count against it.
+
+    python benchmarks/run_overhead.py --runs runs [--json] [--rates rates.json --workers 2]
 """
 
 from __future__ import annotations
@@ -44,19 +50,64 @@ def stage_overhead(runs: Path, stage: str) -> dict | None:
     }
 
 
+def _run(folder: Path):
+    from studylib.study.grid import Run
+
+    p = json.loads((folder / "params.json").read_text())
+    return Run(p["stage"], p["parameters"], labels=p.get("labels", {}))
+
+
+def run_phase(runs: Path, rates: dict, workers: int) -> dict:
+    """The run phase's wall seconds, the image-steps it trained, the seconds they take at the bench's single-run
+    rate per stage (intermediate runs at the segmentation rate: the same encoder step with a smaller head), and
+    that ideal over workers x the wall seconds."""
+    from studylib.study.grid import image_steps
+
+    rate = {e["stage"]: e["images_per_s"] for e in rates["entries"] if e["what"] == "single"}
+    rate.setdefault("intermediate", rate["segment"])
+    started, ended, steps, ideal = [], [], 0, 0.0
+    for stage in ("pretrain", "intermediate", "segment"):
+        for d in sorted((runs / stage).glob("*")):
+            if not (d / "provenance.json").exists() or not (d / "metrics.json").exists():
+                continue
+            prov = json.loads((d / "provenance.json").read_text())
+            started.append(prov["started"])
+            ended.append(prov["ended"])
+            n = image_steps(_run(d))
+            steps, ideal = steps + n, ideal + n / rate[stage]
+    wall = max(ended) - min(started)
+    return {
+        "workers": workers,
+        "run_phase_s": round(wall, 1),
+        "image_steps": steps,
+        "ideal_s": round(ideal, 1),
+        "bare_step_share": round(ideal / (workers * wall), 3),
+        "bench_threads": rates.get("threads"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rates", help="a `study bench --json` result of this machine, measured in the same session")
+    ap.add_argument("--workers", type=int, default=2, help="the study's workers (with --rates)")
     args = ap.parse_args()
     rows = [r for s in ("pretrain", "intermediate", "segment") if (r := stage_overhead(Path(args.runs), s))]
+    phase = run_phase(Path(args.runs), json.loads(Path(args.rates).read_text()), args.workers) if args.rates else None
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"stages": rows, "run_phase": phase} if phase else rows, indent=1))
         return
     cols = list(rows[0]) if rows else []
     print("  ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]!s:>18}" for c in cols))
+    if phase:
+        print(
+            f"run phase: {phase['run_phase_s']} s on {phase['workers']} workers, {phase['image_steps']:,} image-steps "
+            f"= {phase['ideal_s']} s at the bench's bare-step rates ({phase['bench_threads']} thread(s)): "
+            f"{phase['bare_step_share']:.0%} of the bare-step rate per worker"
+        )
 
 
 if __name__ == "__main__":

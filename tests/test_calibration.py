@@ -1,5 +1,5 @@
 """Calibration and power of the claims' tests, by simulation (numpy, vectorised, a few seconds): studies
-drawn from the demo's noise model (power.DEFAULT_NOISE: per-cell sd, +0.28 correlation within an encoder)
+drawn from the demo's noise model (power.DEFAULT_NOISE: per-cell sd, correlations within a seed)
 pushed through the claims' own part contrasts (claims.all_parts) and t quantiles. Checked: without an
 effect each part reads 'supported' in <= 2.5% of studies (within simulation error) at a fixed number of
 seeds, with one run missing, and under the sequential rule (sequential.critical_t) looking after every
@@ -16,12 +16,12 @@ import pandas as pd
 import pytest
 
 from studylib.analysis.claims import all_parts, claim_parts
-from studylib.analysis.power import DEFAULT_NOISE, design_keys, power_table
+from studylib.analysis.power import DEFAULT_NOISE, NoiseModel, design_keys, power_table
 from studylib.analysis.sequential import critical_t
 from studylib.analysis.stats import t975
 
 GRID = SimpleNamespace(pretrain_sizes=[0, 500, 2000], intermediate=["none", "intel", "spatial"],
-                       finetune_sizes=[20, 60, 180], seeds=[0, 1])  # fmt: skip  # the demo's design
+                       finetune_sizes=[20, 40, 80], seeds=[0, 1])  # fmt: skip  # the demo's design
 KEYS = design_keys(GRID)
 PARTS = [(f"{f} {part} {arm}", sign, w) for f, part, arm, sign, w in all_parts(KEYS)]
 NAMES = [name for name, _, _ in PARTS]
@@ -33,10 +33,14 @@ STUDIES = 4000
 BOUND = 0.025 + 3.1 * math.sqrt(0.025 * 0.975 / STUDIES)
 
 
-def draw(seed: int, seeds: int, studies: int = STUDIES) -> np.ndarray:
+# where only the cells of one encoder move together (no common random numbers across arms: the old demo's noise)
+L_ENCODER_ONLY = np.linalg.cholesky(NoiseModel(rho_seed=0.0).covariance(KEYS))
+
+
+def draw(seed: int, seeds: int, studies: int = STUDIES, chol: np.ndarray = L) -> np.ndarray:
     """Runs of null studies: [study, seed, cell], every cell's true mean 0 (so every part's effect is 0)."""
     z = np.random.default_rng(seed).standard_normal((studies, seeds, len(KEYS)))
-    return z @ L.T
+    return z @ chol.T
 
 
 def supported(d: np.ndarray, crit) -> np.ndarray:
@@ -68,12 +72,15 @@ def test_fixed_seeds_false_supported_at_most_2_5_percent_per_part(seeds):
     assert (rate <= BOUND).all(), dict(zip(NAMES, rate))
 
 
-def test_a_missing_run_keeps_the_seed_as_the_unit():
+@pytest.mark.parametrize("chol", [L, L_ENCODER_ONLY], ids=["default", "encoder-only"])
+def test_a_missing_run_keeps_the_seed_as_the_unit(chol):
     """One cell lacks seed 0's run: every contrast that uses it is paired over the other seeds (what
-    stats.contrast does, checked in test_claims), and stays calibrated; treating the runs as independent
-    (the old Welch fallback) is not, for (c) hurts, whose cells of one encoder move together."""
-    seeds, missing = 5, KEYS.index((500, "intel", 180))  # in (c) hurts and the interaction
-    x = draw(7, seeds)
+    stats.contrast does, checked in test_claims), and stays calibrated under either noise model; treating
+    the runs as independent (the old Welch fallback) is not where the cells of one encoder move together and
+    the other cells of a seed do not: (c) hurts then reads 'supported' too often. (Under the default model,
+    whose arms share a seed's draws, Welch happens to err the other way for (c) hurts: 1.8%.)"""
+    seeds, missing = 5, KEYS.index((500, "intel", 80))  # in (c) hurts and the interaction
+    x = draw(7, seeds, chol=chol)
     d = x @ W
     uses = W[missing] != 0
     rate = np.where(uses, supported(d[:, 1:], t975(seeds - 2)), supported(d, t975(seeds - 1))).mean(0)
@@ -91,7 +98,8 @@ def test_a_missing_run_keeps_the_seed_as_the_unit():
 
     welch = (SIGN * (mean @ W) / np.sqrt(v.sum(1)) > stats.t.ppf(0.975, df)).mean(0)
     hurts = NAMES.index("c hurts intel")
-    assert welch[hurts] > BOUND, welch[hurts]  # measured about 0.06
+    if chol is L_ENCODER_ONLY:
+        assert welch[hurts] > BOUND, welch[hurts]  # measured 0.042
 
 
 def test_sequential_rule_keeps_2_5_percent_but_stopping_at_the_first_significant_look_does_not():

@@ -17,7 +17,7 @@ def test_power_as_json_has_every_part_with_its_fields(tmp_path, capsys):
     assert {("a", "fewer labels"), ("b", "labels"), ("c", "hurts")} <= parts
     for r in rows:
         assert {"finding", "part", "n", "mde", "power", "seeds_needed"} <= set(r)
-        assert r["n"] == 2 and 0 <= r["power"] <= 1 and r["mde"] > 0
+        assert r["n"] == 7 and 0 <= r["power"] <= 1 and r["mde"] > 0
 
 
 def test_every_problem_of_a_plan_is_one_error_line_and_exit_2(tmp_path, capsys):

@@ -61,9 +61,9 @@ def test_before_any_run_the_default_noise_model_and_the_papers_scaled_effect():
     assert [(r.finding, r.part) for r in rows][:3] == [("a", "fewer labels"), ("b", "labels"), ("b", "pre-training")]
     assert {r.noise_source for r in rows} == {DEFAULT_SOURCE} and all(r.n == 4 for r in rows)
     a = rows[0]
-    # (a): +(2000, 20) -(0, 20) -(2000, 180) +(0, 180): sds 0.6, 3.5, 0.6, 0.6; pairs of one encoder have opposite
-    # weights: var = 0.36 + 12.25 + 0.36 + 0.36 - 2 * 0.28 * (0.6 * 0.6 + 3.5 * 0.6)
-    assert a.sd == pytest.approx(math.sqrt(13.33 - 0.56 * (0.36 + 2.1)))
+    # (a): +(2000, 20) -(0, 20) -(2000, 180) +(0, 180): sds 2.1, 2.1, 1.0, 1.0; the two pairs of one encoder
+    # (rho 0.25) have opposite weights; across encoders (rho_seed 0.19): -2.1 * 2.1 + 2.1 + 2.1 - 1.0
+    assert a.sd == pytest.approx(math.sqrt(2 * 2.1**2 + 2 - 2 * 0.25 * (2 * 2.1) - 2 * 0.19 * (2.1**2 + 1 - 2 * 2.1)))
     assert a.effect_source.startswith("the paper's, scaled") and a.side == "claimed" and a.unit == "mIoU points"
     text = format_power(rows)
     assert "fewer labels" in text and DEFAULT_NOISE.describe() in text
