@@ -28,17 +28,23 @@ def mim_loss(
     patch: int,
     per_masked_count: bool = False,
     norm_pix: bool = False,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean absolute error over the pixels of masked patches. pred [B, N, p*p*3], imgs [B, 3, H, W]
     (already normalised), mask [B, N]. `per_masked_count` reproduces the authors' extra division by
     the number of masked patches per image. `norm_pix` (MAE's variant) standardises each target patch
-    by its own mean and std, so the loss rewards predicting structure rather than average colour."""
+    by its own mean and std, so the loss rewards predicting structure rather than average colour.
+    `weight` [B] (1 real, 0 padding: core.fused.pad_batch) drops the padding's patches from the mean and its
+    images from the per-image count, so a padded batch gives the unpadded batch's loss and gradients."""
     target = patchify(imgs, patch)
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     m = mask.to(pred.dtype)
+    images = len(m)
+    if weight is not None:
+        m, images = m * weight.to(pred.dtype)[:, None], weight.sum()
     loss = ((pred - target).abs().mean(dim=-1) * m).sum() / m.sum().clamp(min=1)
     if per_masked_count:
-        loss = loss / (m.sum() / len(m)).clamp(min=1)
+        loss = loss / (m.sum() / images).clamp(min=1)
     return loss

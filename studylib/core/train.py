@@ -141,10 +141,33 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """F.cross_entropy over class indices (logits [N, K, ...]), mean. Under deterministic algorithms on CUDA,
     where NLL loss has no deterministic kernel (it refuses), the same loss from elementwise ops and sums:
     equal up to float rounding. Elsewhere F.cross_entropy itself, so CPU numbers do not move."""
-    if not (logits.is_cuda and torch.are_deterministic_algorithms_enabled()):
+    if not _deterministic_cuda(logits):
         return F.cross_entropy(logits, target)
+    return _onehot_terms(logits, target).mean()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """cross_entropy's mean over the samples that `weight` [N] (1 real, 0 padding) keeps: the per-element losses
+    [N, ...] weighted per sample, over weight.sum() times the elements of one sample. A batch padded with
+    zero-weight samples (core.fused.pad_batch) so gives the unpadded batch's loss and gradients. On
+    deterministic CUDA the per-element losses come, as in cross_entropy, from the one-hot formulation (no gather:
+    its backward has no deterministic CUDA kernel)."""
+    if _deterministic_cuda(logits):
+        terms = _onehot_terms(logits, target)
+    else:
+        terms = F.cross_entropy(logits, target, reduction="none")
+    w = weight.to(terms.dtype).view(-1, *[1] * (terms.dim() - 1))
+    return (terms * w).sum() / (weight.sum() * terms[0].numel())
+
+
+def _deterministic_cuda(logits: torch.Tensor) -> bool:
+    return logits.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+def _onehot_terms(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The per-element cross-entropy [N, ...] of logits [N, K, ...] from elementwise ops and a sum over K."""
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(logits.dtype)
-    return -(F.log_softmax(logits, dim=1) * onehot).sum(1).mean()
+    return -(F.log_softmax(logits, dim=1) * onehot).sum(1)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from studylib.core.model import (
     load_encoder,
     model_config,
 )
-from studylib.core.train import Job, Schedule, cross_entropy, resolve_device
+from studylib.core.train import Job, Schedule, cross_entropy, resolve_device, weighted_cross_entropy
 from studylib.data import resident
 from studylib.data.decoded import load_image_set
 from studylib.data.readers import (
@@ -96,6 +96,12 @@ def _batched(fn, n: int, bs: int = EVAL_BATCH):
         yield i, fn(slice(i, min(n, i + bs)))
 
 
+def _decoding(dev: torch.device) -> str:
+    """The device a stage's images are decoded on, given to the loaders so that a stage called by hand decodes as
+    it would in a group (data.decoders): its CUDA device (nvJPEG), else the CPU (PIL; also for the meta device)."""
+    return str(dev) if dev.type == "cuda" else "cpu"
+
+
 # ---------------------------------------------------------------- stage 1: masked image modelling
 
 
@@ -127,7 +133,9 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
     # kept: short side a little larger than the model input, long side at most twice that, the excess
     # cut from both ends (no crop of the paper's settings needs more: see readers.aspect_geometry)
     cached = round(cfg.img_size * (1 + s.cache_margin))
-    image_set = load_image_set(paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0)
+    image_set = load_image_set(
+        paths.images, size, cached, seed, paths.cache, paths.skip_unreadable, max_aspect=2.0, device=_decoding(dev)
+    )
     # the uint8 images move to the device once; the closures below keep no host copy (image_set is not captured)
     images, sizes, skipped = resident.share(image_set.origin, image_set.images, dev), image_set.sizes, image_set.skipped
     canvas = tuple(images.shape[-2:])
@@ -146,8 +154,10 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
         grid = A.affine_grid(boxes, flips, cfg.img_size, dev, transposed)
         return A.normalize(A.warp_images(A.to_float(images[i]), grid)), mask
 
-    def loss(net, x, mask):
-        return mim_loss(net(x, mask), x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss)
+    def loss(net, x, mask, weight=None):
+        """`weight` [B]: 1 real, 0 padding (a compiled group's padded last batch); None: every sample counts."""
+        pred = net(x, mask)
+        return mim_loss(pred, x, mask, cfg.patch_size, s.loss_per_masked_count, s.norm_pix_loss, weight)
 
     def evaluate():
         # a fixed evaluation: the first (up to) 256 images, no crop, one seeded mask each
@@ -254,15 +264,16 @@ def intermediate(
     return train(p, engine)
 
 
-def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream):
-    """-> (train, test, class names, train labels, test labels) of an intermediate arm."""
+def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream, dev):
+    """-> (train, test, class names, train labels, test labels) of an intermediate arm, decoded for `dev`."""
     if arm == "intel":
-        train = load_intel(paths.intel, "train", S, paths.cache, paths.skip_unreadable, s.interpolation)
-        test = load_intel(paths.intel, "test", S, paths.cache, paths.skip_unreadable, s.interpolation)
+        read = dict(cache_dir=paths.cache, skip=paths.skip_unreadable, interpolation=s.interpolation)
+        train = load_intel(paths.intel, "train", S, **read, device=_decoding(dev))
+        test = load_intel(paths.intel, "test", S, **read, device=_decoding(dev))
         return train, test, train.classes, train.labels, test.labels
     seg = build(SegmentConfig, pets_split or {}, "pets_split")
     n = (downstream or {}).get("finetune_size", 0)
-    train, test = segmentation_split(paths, seg, n, seed, S, all_but_test=True)
+    train, test = segmentation_split(paths, seg, n, seed, S, all_but_test=True, device=_decoding(dev))
     if arm == "pets-breeds":
         K = int(torch.cat([train.labels, test.labels]).max()) + 1
         return train, test, [str(k + 1) for k in range(K)], train.labels, test.labels
@@ -278,7 +289,9 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
     run_dir, dev, paths = Path(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
     S, grid = enc.cfg.img_size, enc.cfg.grid
-    train, test, classes, train_y, test_y = _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream)
+    train, test, classes, train_y, test_y = _intermediate_data(
+        arm, s, paths, seed, S, grid, pets_split, downstream, dev
+    )
     K = len(classes)
     norm = A.normalize if s.normalize else (lambda x: x)  # the Table-2 spatial recipe: raw inputs
     _head_seeded(seed)
@@ -302,10 +315,15 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
             return x, torch.where(flip, y.view(-1, grid, grid).flip(-1), y.view(-1, grid, grid)).reshape(len(x), -1)
         return A.mix(x, y, K, lam, perm)
 
-    def loss(net, x, y):
+    def loss(net, x, y, weight=None):
+        """`weight` [B]: 1 real, 0 padding (a compiled group's padded last batch); None: every sample counts."""
+        logits = net(x).float()  # [B, K], or [B, grid^2, K] per patch (spatial)
         if arm == "spatial":
-            return cross_entropy(net(x).float().flatten(0, 1), y.reshape(-1))
-        return torch.sum(-y * F.log_softmax(net(x).float(), dim=-1), dim=-1).mean()
+            if weight is None:
+                return cross_entropy(logits.flatten(0, 1), y.reshape(-1))
+            return weighted_cross_entropy(logits.transpose(1, 2), y, weight)  # per patch [B, grid^2], weighted
+        per_sample = torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1)  # soft targets (MixUp)
+        return per_sample.mean() if weight is None else (per_sample * weight).sum() / weight.sum()
 
     def evaluate():
         meter = ClassificationMeter(K)
@@ -379,7 +397,7 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
     s = build(SegmentConfig, settings or {}, "segment")
     run_dir, dev, paths = run_folder(run_dir), resolve_device(device), resolve_data(data)
     enc = _encoder(model, parent_dir, seed, s.init)
-    train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size)
+    train, test = segmentation_split(paths, s, size, seed, enc.cfg.img_size, device=_decoding(dev))
     _head_seeded(seed)
     task = Segmenter(enc, len(PET_CLASSES), s.init)
     # the paper froze one random augmentation per image for all epochs (and the test set)
@@ -397,11 +415,12 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
         i, flip, contrast = A.to_device(dev, idx, p["flip"], p["contrast"])  # one copy per step
         return _seg_apply(images[i], masks[i], {"flip": flip, "contrast": contrast}, s, dev)
 
-    def loss(net, x, y):
+    def loss(net, x, y, weight=None):
+        """`weight` [B]: 1 real, 0 padding (a compiled group's padded last batch); None: every sample counts."""
         logits = net(x).float()  # [B, K, H, W]
         if s.spatial_log_softmax:  # the authors' extra normalisation over the pixel axis
             logits = pixel_log_softmax(logits)
-        return cross_entropy(logits, y)
+        return cross_entropy(logits, y) if weight is None else weighted_cross_entropy(logits, y, weight)
 
     def evaluate():
         test_aug = (
