@@ -239,18 +239,18 @@ def decode_rate(dev: torch.device, n: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import decode as D
 
-    from studylib.data import decoded
+    from studylib.data.decoders import GPU_BATCH, Geometry, decode_jpegs
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-jpegs-") as folder:
         D.make_jpegs(Path(folder), n, min(8, os.cpu_count() or 1))
         files = sorted(Path(folder).rglob("*.JPEG"))
-        geometry, batch = decoded.Geometry(144, 2.0), decoded.GPU_BATCH
-        decoded.decode_jpegs(files[:batch], geometry, dev.type)  # warm-up: nvJPEG's handles, allocations
+        geometry, batch = Geometry(144, 2.0), GPU_BATCH
+        decode_jpegs(files[:batch], geometry, dev.type)  # warm-up: nvJPEG's handles, allocations
         t0 = B._now(dev)
         got = sum(
             x is not None
             for i in range(0, len(files), batch)
-            for x in decoded.decode_jpegs(files[i : i + batch], geometry, dev.type)
+            for x in decode_jpegs(files[i : i + batch], geometry, dev.type)
         )
         seconds = B._now(dev) - t0
     return {"images": n, "decoded": got, "seconds": seconds, "images_per_s": n / seconds, "decoder": dev.type}
