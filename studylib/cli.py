@@ -127,6 +127,8 @@ def cmd_bench(args) -> int:
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     if args.runs:  # the path goes to stderr under --json, so stdout stays one JSON document
         print(f"rates: {bench.save_rates(args.runs, result)}", file=sys.stderr if args.json else sys.stdout)
+    elif result.get("precision_auto"):
+        print("precision auto reads these verdicts from a run store: add --runs RUNS to keep them", file=sys.stderr)
     return 0
 
 

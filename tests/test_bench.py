@@ -33,11 +33,21 @@ def smoke(tmp_path_factory):
 def test_smoke_bench_measures_every_entry(smoke):
     result, _ = smoke
     found = {(e["stage"], e["what"], e["members"]) for e in result["entries"]}
-    expected = {(t, w, m) for t in B.TASKS for w, m in [("reference", 1), ("single", 1), ("fused", 1), ("fused", 4)]}
-    assert found == expected
+    kinds = [("reference", 1), ("single", 1), ("fused", 1), ("fused", 4)]
+    kinds += [("single-bf16", 1)] if result["device_type"] == "cpu" else []  # precision auto's evidence
+    assert found == {(t, w, m) for t in B.TASKS for w, m in kinds}
+    mm = result["matmul"]
+    assert mm["size"] == 256 and mm["fp32_tflops"] > 0 and mm["bf16_tflops"] > 0
     for e in result["entries"]:
         assert e["images_per_s"] > 0 and e["tflops"] > 0 and e["x_reference"] > 0 and e["steps"] >= 1, e
         assert e["batch"] == B.SMOKE.batch
+        assert e["share_fp32"] == pytest.approx(e["tflops"] / mm["fp32_tflops"])
+        assert (e["share_bf16"] is not None) == (e["precision"] == "bf16"), e
+    bf16 = [e for e in result["entries"] if e["what"] == "single-bf16"]
+    assert all(
+        e["precision"] == "bf16" and e["share_bf16"] == pytest.approx(e["tflops"] / mm["bf16_tflops"]) for e in bf16
+    )
+    assert result["precision_auto"] == {}  # a smoke run decides nothing
     assert all(e["x_reference"] == 1.0 for e in result["entries"] if e["what"] == "reference")
     assert result["kernel_startup_s"] > 0 and result["model"] == "viny-tiny" and result["smoke"]
 
@@ -45,7 +55,8 @@ def test_smoke_bench_measures_every_entry(smoke):
 def test_smoke_table_prints(smoke):
     result, _ = smoke
     text = B.table(result)
-    assert all(col in text for col in ("what", "M", "batch", "img/s", "x reference", "TFLOP/s", "kernel start-up"))
+    cols = ("what", "M", "batch", "img/s", "x reference", "TFLOP/s", "% fp32 mm", "% bf16 mm", "kernel start-up")
+    assert all(col in text for col in cols) and "matmul 256x256: fp32 " in text
     assert sum(line.startswith(("pretrain ", "segment ")) for line in text.splitlines()) == len(result["entries"])
 
 
@@ -177,3 +188,105 @@ def test_a_bench_without_jupyter_keeps_its_rates(monkeypatch, tmp_path):
     with_startup = E.estimate(tiny_plan(), made_up_rates(), {}, workers=1).set_index("stage")
     without = E.estimate(tiny_plan(), {**made_up_rates(), "kernel_startup_s": None}, {}, workers=1).set_index("stage")
     assert without.loc["all", "startup_s"] == 0 and without.loc["all", "train_s"] == with_startup.loc["all", "train_s"]
+
+
+# ---------------------------------------------------------------- the machine's matmul rate and each entry's share
+
+
+def test_matmul_rate_counts_2n3_flops_per_timed_step(monkeypatch):
+    seen = []
+
+    def fake_timed(step, device, box):
+        step()  # one real matmul, so the step is a matmul of the box's side
+        seen.append(box.batch)
+        return {"steps": 10, "seconds": 0.5, "setup_s": 0.0}
+
+    monkeypatch.setattr(B, "timed", fake_timed)
+    # 2 x 256^3 FLOPs x 10 steps / 0.5 s
+    assert B.matmul_rate(B.torch.device("cpu"), B.torch.float32, B.matmul_box(B.torch.device("cpu"), True)) == (
+        671_088_640
+    )
+    mm = B.machine_matmul(B.torch.device("cpu"), smoke=False)
+    tflops = 2 * 1024**3 * 20 / 1e12  # 10 steps in 0.5 s, fp32 and bf16 alike
+    assert seen[1:] == [1024, 1024] and mm == {"size": 1024, "fp32_tflops": tflops, "bf16_tflops": tflops}
+
+
+def hand_result() -> dict:
+    """The issue's CPU: a 91 GFLOP/s fp32 and 204 GFLOP/s bf16 matmul; a step at 50 GFLOP/s in fp32 and one at
+    37 GFLOP/s in bf16."""
+    entries = [
+        {"stage": "segment", "what": "single", "members": 1, "batch": 64, "images_per_s": 370.0, "x_reference": 1.0}
+        | {"tflops": 0.050, "precision": "fp32"},
+        {"stage": "segment", "what": "single-bf16", "members": 1, "batch": 64, "images_per_s": 274.0}
+        | {"x_reference": None, "tflops": 0.037, "precision": "bf16"},
+    ]
+    head = {"device": "cpu-test", "device_type": "cpu", "threads": 1, "torch": "x", "model": "viny-tiny"}
+    return (
+        head
+        | {"smoke": False, "note": "", "kernel_startup_s": None, "kernel_includes": "", "entries": entries}
+        | {"matmul": {"size": 1024, "fp32_tflops": 0.091, "bf16_tflops": 0.204}}
+    )
+
+
+def test_each_entry_gets_its_share_of_the_matmul_rates_by_hand():
+    result = hand_result()
+    B.add_shares(result)
+    fp32, bf16 = result["entries"]
+    assert fp32["share_fp32"] == pytest.approx(0.050 / 0.091) and fp32["share_bf16"] is None  # 55%: not bf16
+    assert bf16["share_fp32"] == pytest.approx(0.037 / 0.091) and bf16["share_bf16"] == pytest.approx(0.037 / 0.204)
+    text = B.table(result)
+    assert "matmul 1024x1024: fp32 0.091 TFLOP/s, bf16 0.204 TFLOP/s" in text
+    rows = {line.split()[1]: line.split()[-2:] for line in text.splitlines() if line.startswith("segment ")}
+    assert rows == {"single": ["55%", "-"], "single-bf16": ["41%", "18%"]}
+
+
+def test_the_precision_verdict_is_kept_per_model_and_threads(tmp_path):
+    result = hand_result()
+    B.add_shares(result)
+    result["precision_auto"] = B.precision_record(result)
+    (found,) = result["precision_auto"].values()
+    assert found["stages"] == {"segment": {"fp32": 370.0, "bf16": 274.0}} and found["threads"] == 1
+    assert "precision auto, segment: fp32 (bf16 0.74x fp32 for viny-tiny | " in B.table(result)
+    B.save_rates(tmp_path, result)
+    other = hand_result() | {"model": "viny", "threads": 2}
+    other["entries"][1]["images_per_s"] = 400.0
+    other["precision_auto"] = B.precision_record(other)
+    B.save_rates(tmp_path, other)
+    stored = B.read_json(B.rates_path(tmp_path, "cpu-test"))
+    assert stored["model"] == "viny" and len(stored["precision_auto"]) == 2  # the viny-tiny verdict kept
+    assert {v["model"]: v["stages"]["segment"]["bf16"] for v in stored["precision_auto"].values()} == {
+        "viny-tiny": 274.0,
+        "viny": 400.0,
+    }
+    assert B.precision_record(hand_result() | {"smoke": True}) == {}
+
+
+def test_fused_compiles_in_the_engines_mode(monkeypatch, tmp_path):
+    """bench.fused follows EngineConfig.compile_mode (as fused_fit trains a group), passes weights of ones to a
+    loss that takes them, and measures eager when the compile fails; compile_losses faked (no 30 s compile)."""
+    import functools
+
+    cpu, box = B.torch.device("cpu"), B.Box(batch=8, members=(2,), warmup=0, min_steps=1, min_seconds=0, max_seconds=0)
+    prepared = B.prepare_jobs("segment", "viny-tiny", cpu, B._data(None, 8), tmp_path, 2, 8)
+    calls = []
+
+    def fake_compile(group, loss_fn, mode):
+        def forward(*batch, weight=None):
+            calls.append((mode, None if weight is None else weight.tolist()))
+            return group.losses(loss_fn, *batch, weight=weight)
+
+        return forward
+
+    monkeypatch.setattr(B, "compile_losses", fake_compile)
+    assert B.fused(prepared, cpu, box)["compile_mode"] == "eager" and calls == []  # a CPU's default: eager
+    monkeypatch.setattr(B.EngineConfig, "compile_mode", lambda self, device: "reduce-overhead")
+    out = B.fused(prepared, cpu, box)
+    weight = [1.0] * 8 if B.takes_weight(prepared[0].job.loss) else None
+    assert out["compile_mode"] == "reduce-overhead" and calls[0] == ("reduce-overhead", weight)
+    assert len(calls) == out["steps"] == 1 and B.fused(prepared, cpu, box, mode="")["compile_mode"] == "eager"
+
+    def broken(group, loss_fn, mode):
+        return functools.partial(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+
+    monkeypatch.setattr(B, "compile_losses", broken)
+    assert B.fused(prepared, cpu, box)["compile_mode"] == "eager"

@@ -93,11 +93,21 @@ def make_optimizer(model: torch.nn.Module, sched: Schedule, device: torch.device
     return torch.optim.AdamW(groups, lr=sched.lr, fused=device.type == "cuda")
 
 
+BF16_CPU_TOO = "bf16+cpu"  # what precision 'auto' becomes on a CPU where the bench measured bf16 faster
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on a GPU that supports it when precision is 'bf16'; otherwise full fp32 (a GPU
+    """bf16 autocast on a GPU that supports it when precision is 'bf16' or 'auto' (an 'auto' not resolved
+    further: fp32 on a CPU, as without bench rates); BF16_CPU_TOO also on a CPU; otherwise full fp32 (a GPU
     without native bf16 trains in fp32 rather than fp16, which would need a loss scaler)."""
-    if precision == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+    if precision not in ("bf16", "auto", BF16_CPU_TOO, "fp32"):
+        raise ValueError(f"precision {precision!r}: one of bf16, auto, {BF16_CPU_TOO}, fp32")
+    if precision == "fp32":
+        return nullcontext()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and precision == BF16_CPU_TOO:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 

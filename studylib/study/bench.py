@@ -9,6 +9,9 @@ warm-up steps excluded, the device synchronised before each clock read) of
     fused      M runs as one stacked model (studylib.core.fused), batch per member, as a group trains;
 for pre-training (masked image modelling) and segmentation, on synthetic data (no download), and the
 start-up of a Jupyter kernel that imports the stage and plot modules (what every group pays once).
+On a CPU `single` is measured under bf16 autocast too (single-bf16): the evidence `precision: auto` decides
+by, per model, CPU, kernel ISA and threads (precision_record, precision_pick). Each entry's achieved FLOP/s
+is given as a share of a square matmul's rate on the device (fp32, and bf16 where the entry trained in bf16).
 
 `save_rates` keeps a result per device in the run store (<runs>/bench/<device>.json); studylib.study.estimate
 turns a plan into predicted wall time per stage from them.
@@ -32,11 +35,12 @@ import torch.nn.functional as F
 
 from studylib.core import train as T
 from studylib.core.files import atomic_write_json, read_json
-from studylib.core.fused import Fused, fused_step, make_fused_optimizer
+from studylib.core.fused import Fused, compile_losses, fused_step, make_fused_optimizer, takes_weight
 from studylib.core.fused_fit import job_step
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.model import MODELS, MaskedImageModel, Segmenter, ViTConfig, build_encoder, model_config
 from studylib.study.config import EngineConfig, ParamError
+from studylib.study.provenance import cpu_model, trained_precision
 
 TASKS = ("pretrain", "segment")  # what is measured; the intermediate stage borrows segmentation's rates
 KERNEL_CODE = "from studylib.study import stages; from studylib.views import plots"
@@ -158,6 +162,98 @@ def timed(step: Callable[[], None], device: torch.device, box: Box) -> dict:
     return {"steps": steps, "seconds": seconds, "setup_s": max(0.0, warm - box.warmup * seconds / steps)}
 
 
+# ---------------------------------------------------------------- the device's matmul rate
+
+
+def matmul_box(device: torch.device, smoke: bool) -> Box:
+    """A square matmul's side (Box.batch) and time box: 1024 on a CPU (about half a second per precision),
+    8192 on a GPU (big enough to fill it); 256 and a few steps in a smoke run."""
+    if smoke:
+        return Box(batch=256, members=(1,), warmup=1, min_steps=2, min_seconds=0.0, max_seconds=0.2)
+    if device.type == "cuda":
+        return Box(batch=8192, members=(1,), warmup=3, min_steps=20, min_seconds=0.5, max_seconds=3.0)
+    return Box(batch=1024, members=(1,), warmup=1, min_steps=5, min_seconds=0.5, max_seconds=1.0)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, box: Box) -> float:
+    """FLOP/s of a square box.batch-sided matmul in `dtype` (2 n^3 FLOPs each), timed as the entries are;
+    fp32 as plain fp32 (no TF32 on a GPU)."""
+    n, g = box.batch, torch.Generator().manual_seed(0)
+    a, b = (torch.rand(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    with T.tf32(device, False):
+        t = timed(lambda: torch.mm(a, b, out=out), device, box)
+    return 2 * n**3 * t["steps"] / t["seconds"]
+
+
+def machine_matmul(device: torch.device, smoke: bool) -> dict:
+    """{size, fp32_tflops, bf16_tflops}: the matmul rates each training entry's share is of (None where one
+    failed, say a device without bf16)."""
+    box = matmul_box(device, smoke)
+    out: dict = {"size": box.batch}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        _say(f"matmul {box.batch}x{box.batch} {name}")
+        try:
+            out[f"{name}_tflops"] = matmul_rate(device, dtype, box) / 1e12
+        except Exception as e:
+            _note(f"{name} matmul not measured ({type(e).__name__}: {e})")
+            out[f"{name}_tflops"] = None
+    return out
+
+
+def add_shares(result: dict) -> None:
+    """Each entry's share of the fp32 matmul rate (share_fp32: its achieved TFLOP/s over the matmul's) and, where
+    it trained in bf16, of the bf16 rate (share_bf16; else None)."""
+    mm = result["matmul"]
+    for e in result["entries"]:
+        e["share_fp32"] = e["tflops"] / mm["fp32_tflops"] if mm["fp32_tflops"] else None
+        bf16 = e.get("precision") == "bf16" and mm["bf16_tflops"]
+        e["share_bf16"] = e["tflops"] / mm["bf16_tflops"] if bf16 else None
+
+
+# ---------------------------------------------------------------- precision auto on a CPU
+
+
+def machine_key(model: str, threads: int | None = None) -> dict:
+    """What a CPU's bf16-against-fp32 verdict for a model holds for: the model, CPU model, kernel ISA, threads."""
+    threads = torch.get_num_threads() if threads is None else threads
+    isa = torch.backends.cpu.get_cpu_capability()
+    return {"model": model, "cpu": cpu_model(), "isa": isa, "threads": threads}
+
+
+def _key_text(key: dict) -> str:
+    return f"{key['model']} | {key['cpu']} | {key['isa']} | {key['threads']} threads"
+
+
+def precision_record(result: dict) -> dict:
+    """{key text: {key, stages: {stage: {fp32, bf16}}}}: the single step's images/s in each precision per stage,
+    from a CPU bench's single and single-bf16 entries; {} for a smoke run (not a measurement) or a GPU."""
+    if result["smoke"] or result["device_type"] != "cpu":
+        return {}
+    stages: dict = {}
+    for e in result["entries"]:
+        if e["what"] in ("single", "single-bf16"):
+            stages.setdefault(e["stage"], {})[e["precision"]] = e["images_per_s"]
+    key = machine_key(result["model"], result["threads"])
+    return {_key_text(key): {**key, "stages": stages}}
+
+
+def precision_pick(runs: str | Path, model: str, stage: str) -> tuple[str | None, str]:
+    """('bf16' or 'fp32', why) where this CPU's stored bench rates for the model, at this process's threads,
+    measured the stage's single step in both precisions (the intermediate stage by segmentation's); (None, why
+    not) otherwise."""
+    key, task = machine_key(model), "pretrain" if stage == "pretrain" else "segment"
+    rates = load_rates(runs, "cpu") or {}
+    found = (rates.get("precision_auto") or {}).get(_key_text(key), {}).get("stages", {}).get(task, {})
+    if "fp32" not in found or "bf16" not in found:
+        return None, (
+            f"no bench rates of {task} in both precisions for {_key_text(key)} in {Path(runs) / 'bench'} "
+            f"(`OMP_NUM_THREADS={key['threads']} study bench --device cpu --model {model} --runs {runs}` measures them)"
+        )
+    pick = "bf16" if found["bf16"] > found["fp32"] else "fp32"
+    return pick, f"{task} single step {found['bf16']:.0f} img/s in bf16, {found['fp32']:.0f} in fp32"
+
+
 # ---------------------------------------------------------------- (a) the authors' loop
 
 
@@ -209,7 +305,7 @@ def reference(task: str, model: str, device: torch.device, box: Box) -> dict:
         opt.step()
         loss.item()
 
-    return timed(step, device, box)
+    return {**timed(step, device, box), "compile_mode": "eager", "precision": "fp32"}
 
 
 # ---------------------------------------------------------------- (b) and (c): the project's training
@@ -237,12 +333,16 @@ def prepare_jobs(task: str, model: str, device: torch.device, data: dict, folder
     return out
 
 
-def single(prepared, device: torch.device, box: Box, on_step: Callable | None = None) -> dict:
+def single(
+    prepared, device: torch.device, box: Box, on_step: Callable | None = None, precision: str | None = None
+) -> dict:
     """(b): one run's training step as train.fit takes it (losses summed on the device, no read-back), compiled
-    as the engine's defaults say for this device; a compile that fails falls back to eager, with a note."""
+    as the engine's defaults say for this device; a compile that fails falls back to eager, with a note.
+    `precision` (train.autocast's values): instead of the stage's (the bf16 step on a CPU, for precision auto)."""
     job, sched = prepared.job, prepared.sched
+    precision = precision or sched.precision
     job.task.to(device).train()
-    opt, amp = T.make_optimizer(job.task, sched, device), T.autocast(device, sched.precision)
+    opt, amp = T.make_optimizer(job.task, sched, device), T.autocast(device, precision)
     mode, g = EngineConfig().compile_mode(device), torch.Generator().manual_seed(job.seed)
     total = torch.zeros((), device=device, dtype=torch.float64)
 
@@ -267,28 +367,46 @@ def single(prepared, device: torch.device, box: Box, on_step: Callable | None = 
         _note(f"torch.compile (mode {mode!r}) failed ({type(e).__name__}: {e}); measuring eager instead")
         mode = ""
         out = timed(_seen(step_with(job.step), on_step), device, box)
-    return {**out, "compile_mode": mode or "eager", "precision": _precision(device, sched.precision)}
+    return {**out, "compile_mode": mode or "eager", "precision": _precision(device, precision)}
 
 
-def fused(prepared: list, device: torch.device, box: Box, on_step: Callable | None = None) -> dict:
-    """(c): the members as one stacked model, stepped as fused_fit trains a group (eager, bf16 on a GPU)."""
+def fused(
+    prepared: list, device: torch.device, box: Box, on_step: Callable | None = None, mode: str | None = None
+) -> dict:
+    """(c): the members as one stacked model, stepped as fused_fit trains a group: bf16 on a GPU, the stacked
+    forward and loss compiled (fused.compile_losses; every batch is full, so a loss that takes sample weights
+    gets ones) in torch.compile's `mode`, by default as the engine's defaults say for this device ('': eager);
+    a compile that fails falls back to eager, with a note."""
     jobs, sched = [p.job for p in prepared], prepared[0].sched
     group = Fused([j.task.to(device).train() for j in jobs], device)
     opt, amp = make_fused_optimizer(group, sched, device), T.autocast(device, sched.precision)
+    mode = EngineConfig().compile_mode(device) if mode is None else mode
     gens = [torch.Generator().manual_seed(j.seed) for j in jobs]
     total = torch.zeros(len(jobs), device=device, dtype=torch.float64)
 
-    def step():
-        nonlocal total
-        drawn = [j.batch(torch.randperm(j.n_train, generator=g)[: sched.batch_size], g) for j, g in zip(jobs, gens)]
-        batches = tuple(torch.stack(parts) for parts in zip(*drawn))
-        total += fused_step(group, opt, jobs[0].loss, batches, amp).double() * sched.batch_size
+    def step_with(forward, weight):
+        def step():
+            nonlocal total
+            n = sched.batch_size
+            drawn = [j.batch(torch.randperm(j.n_train, generator=g)[:n], g) for j, g in zip(jobs, gens)]
+            batches = tuple(torch.stack(parts) for parts in zip(*drawn))
+            losses = fused_step(group, opt, jobs[0].loss, batches, amp, weight, forward)
+            total += losses.double() * sched.batch_size
 
-    return {
-        **timed(_seen(step, on_step), device, box),
-        "compile_mode": "eager",
-        "precision": _precision(device, sched.precision),
-    }
+        return step
+
+    try:
+        forward = compile_losses(group, jobs[0].loss, mode) if mode else None
+        ones = forward is not None and takes_weight(jobs[0].loss)
+        weight = torch.ones(sched.batch_size, device=device) if ones else None
+        out = timed(_seen(step_with(forward, weight), on_step), device, box)
+    except Exception as e:  # a benchmark must finish: measure eager instead
+        if not mode:
+            raise
+        _note(f"fused torch.compile (mode {mode!r}) failed ({type(e).__name__}: {e}); measuring eager instead")
+        mode = ""
+        out = timed(_seen(step_with(None, None), on_step), device, box)
+    return {**out, "compile_mode": mode or "eager", "precision": _precision(device, sched.precision)}
 
 
 def _seen(step: Callable[[], None], on_step: Callable | None) -> Callable[[], None]:
@@ -299,7 +417,7 @@ def _seen(step: Callable[[], None], on_step: Callable | None) -> Callable[[], No
 
 
 def _precision(device: torch.device, precision: str) -> str:
-    return "bf16" if isinstance(T.autocast(device, precision), torch.autocast) else "fp32"
+    return trained_precision(device, precision)
 
 
 # ---------------------------------------------------------------- kernel start-up
@@ -334,8 +452,9 @@ def kernel_startup(timeout: float = 300) -> float:
 
 
 def bench(device: str = "auto", smoke: bool = False, model: str | None = None, cache: str | Path | None = None) -> dict:
-    """Measure every entry on one device -> {device, device_type, model, smoke, batch, note, kernel_startup_s,
-    kernel_includes, entries: [{stage, what, members, batch, images_per_s, x_reference, tflops, steps, seconds,
+    """Measure every entry on one device -> {device, device_type, model, smoke, batch, note, matmul: {size,
+    fp32_tflops, bf16_tflops}, kernel_startup_s, kernel_includes, precision_auto (precision_record), entries:
+    [{stage, what, members, batch, images_per_s, x_reference, tflops, share_fp32, share_bf16, steps, seconds,
     setup_s, compile_mode, precision}]}. `smoke`: viny-tiny, batch 8, M 1 and 4, a few steps (seconds on a CPU);
     otherwise the study's model (viny on a GPU; viny-tiny on a CPU unless `model` says otherwise), batch 64.
     `cache`: where the synthetic data is written (default: the user's cache folder)."""
@@ -354,12 +473,15 @@ def bench(device: str = "auto", smoke: bool = False, model: str | None = None, c
         "smoke": smoke,
         "batch": box.batch,
         "note": _model_note(name, dev, smoke, model),
+        "matmul": machine_matmul(dev, smoke),
         "entries": [],
     }
     with tempfile.TemporaryDirectory(prefix="studylib-bench-") as folder:
         data = _data(cache, box.batch)
         for task in TASKS:
             result["entries"] += _measure_task(task, name, dev, data, Path(folder), box)
+    add_shares(result)
+    result["precision_auto"] = precision_record(result)
     _say("kernel start-up")
     try:
         result["kernel_startup_s"] = kernel_startup()
@@ -391,6 +513,8 @@ def _measure_task(task: str, model: str, dev: torch.device, data: dict, folder: 
         ("reference", 1, lambda: reference(task, model, dev, box)),
         ("single", 1, lambda: single(prepared[0], dev, box)),
     ]
+    if dev.type == "cpu":  # precision auto's evidence: the same step under bf16 autocast (a GPU's single is bf16)
+        plans.append(("single-bf16", 1, lambda: single(prepared[0], dev, box, precision=T.BF16_CPU_TOO)))
     plans += [("fused", m, lambda m=m: fused(prepared[:m], dev, box)) for m in box.members]
     entries: list[dict] = []
     for what, members, measure in plans:
@@ -422,10 +546,12 @@ def _measure_task(task: str, model: str, dev: torch.device, data: dict, folder: 
 
 def table(result: dict) -> str:
     """The result as a plain-text table, with the device, the model and the kernel start-up."""
-    head = f"{'what':<20}{'M':>4}{'batch':>7}{'img/s':>11}{'x reference':>13}{'TFLOP/s':>10}"
+    head = f"{'what':<21}{'M':>4}{'batch':>7}{'img/s':>11}{'x reference':>13}{'TFLOP/s':>10}{'% fp32 mm':>11}"
+    head += f"{'% bf16 mm':>11}"
     lines = [
         f"bench on {result['device']} ({result['threads']} threads), torch {result['torch']}, model {result['model']}",
         f"note: {result['note']}",
+        _matmul_line(result.get("matmul")),
         "",
         head,
         "-" * len(head),
@@ -433,13 +559,41 @@ def table(result: dict) -> str:
     for e in result["entries"]:
         what = f"{e['stage']} {e['what']}"
         ratio = f"{e['x_reference']:.2f}" if e["x_reference"] is not None else "-"
+        shares = "".join(f"{_percent(e.get(k)):>11}" for k in ("share_fp32", "share_bf16"))
         lines.append(
-            f"{what:<20}{e['members']:>4}{e['batch']:>7}{e['images_per_s']:>11.1f}{ratio:>13}{e['tflops']:>10.3f}"
+            f"{what:<21}{e['members']:>4}{e['batch']:>7}{e['images_per_s']:>11.1f}{ratio:>13}{e['tflops']:>10.3f}"
+            + shares
         )
     startup = result["kernel_startup_s"]
     startup = "not measured" if startup is None else f"{startup:.1f} s"
     lines += ["", f"kernel start-up: {startup} ({result['kernel_includes']})"]
+    lines += _precision_lines(result.get("precision_auto") or {})
     return "\n".join(lines)
+
+
+def _matmul_line(mm: dict | None) -> str:
+    if not mm:
+        return "matmul: not measured"
+    rates = ", ".join(
+        f"{p} {mm[f'{p}_tflops']:.3f} TFLOP/s" if mm[f"{p}_tflops"] else f"{p} not measured" for p in ("fp32", "bf16")
+    )
+    return f"matmul {mm['size']}x{mm['size']}: {rates} (each entry's share below: its TFLOP/s over these)"
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _precision_lines(record: dict) -> list[str]:
+    """What precision auto picks per stage from this bench (a CPU's; the intermediate stage by segmentation's)."""
+    lines = []
+    for found in record.values():
+        for stage, rate in sorted(found["stages"].items()):
+            if "fp32" in rate and "bf16" in rate:
+                pick = "bf16" if rate["bf16"] > rate["fp32"] else "fp32"
+                ratio = rate["bf16"] / rate["fp32"]
+                lines.append(f"precision auto, {stage}: {pick} (bf16 {ratio:.2f}x fp32 for {_key_text(found)})")
+    return [""] + lines if lines else []
 
 
 # ---------------------------------------------------------------- rates in the run store
@@ -450,8 +604,11 @@ def rates_path(runs: str | Path, device: str) -> Path:
 
 
 def save_rates(runs: str | Path, result: dict) -> Path:
-    """Write the bench result as <runs>/bench/<device name>.json (atomically)."""
-    return atomic_write_json(rates_path(runs, result["device"]), result)
+    """Write the bench result as <runs>/bench/<device name>.json (atomically). The precision verdicts of other
+    models and thread counts stored there before are kept (precision auto reads each run's own)."""
+    path = rates_path(runs, result["device"])
+    kept = (read_json(path) or {}).get("precision_auto") or {}
+    return atomic_write_json(path, {**result, "precision_auto": {**kept, **(result.get("precision_auto") or {})}})
 
 
 def load_rates(runs: str | Path, device: torch.device | str = "auto") -> dict | None:

@@ -2,7 +2,8 @@
 
 The machine matters to the numbers: on a CPU the kernels torch picks for the instruction set (AVX2 and
 AVX512 give different demo tables) and the thread count (a different summation order) change results in
-the last digits, and so do the torch version and the GPU. `machine()` records what a run got; these are
+the last digits, and so do the torch version and the GPU, and the precision a run trained in (`precision: auto`
+is bf16 on a CPU only where the bench measured it faster there). `machine()` records what a run got; these are
 not part of a run's id (a store stays usable elsewhere), so a table that mixes machines says so
 (`describe` and `mixed`).
 """
@@ -58,8 +59,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(device: str) -> dict:
-    """What this process computes with: device, CPU kernel ISA and threads, CPU model, torch, GPU name."""
+def trained_precision(device, precision: str) -> str:
+    """'bf16' or 'fp32': what a Schedule's precision (studylib.core.train.autocast's values) trains in on `device`."""
+    import torch
+
+    from studylib.core import train
+
+    dev = torch.device(device) if isinstance(device, str) else device
+    return "bf16" if isinstance(train.autocast(dev, precision), torch.autocast) else "fp32"
+
+
+def machine(device: str, precision: str | None = None) -> dict:
+    """What this process computes with: device, CPU kernel ISA and threads, CPU model, torch, GPU name, and
+    the precision the run trained in ('bf16' or 'fp32', see trained_precision; left out where not given)."""
     import torch
 
     out = {
@@ -73,6 +85,8 @@ def machine(device: str) -> dict:
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    if precision is not None:
+        out["precision"] = precision
     return out
 
 
@@ -86,7 +100,9 @@ def describe(m: dict | None) -> str:
         threads = m.get("threads")
         head = f"{m.get('device', 'cpu')}, ISA {m.get('isa')}, {threads} thread{'s' if threads != 1 else ''}"
     extra = "".join(f", {k}={v}" for k, v in sorted((m.get("overrides") or {}).items()))
-    return f"{head}, {m.get('cpu')}, torch {m.get('torch')}{extra}"
+    # bf16 on a CPU only comes from precision auto, whose id does not say it: a table mixing it with fp32 says so
+    cpu_bf16 = ", bf16 autocast" if not m.get("gpu") and m.get("precision") == "bf16" else ""
+    return f"{head}, {m.get('cpu')}, torch {m.get('torch')}{cpu_bf16}{extra}"
 
 
 def mixed(records: list[dict | None]) -> list[str]:
@@ -99,9 +115,12 @@ def mixed(records: list[dict | None]) -> list[str]:
     return sorted(counts, key=lambda k: -counts[k])
 
 
-def record(repo: Path, seed: int | None, device: str, started: float, ended: float) -> dict:
+def record(
+    repo: Path, seed: int | None, device: str, started: float, ended: float, precision: str | None = None
+) -> dict:
+    """provenance.json's content; `precision`: what the run trained in (trained_precision), where known."""
     return {
-        "machine": machine(device),
+        "machine": machine(device, precision),
         "git": git_commit(repo),
         "packages": versions(),
         "python": platform.python_version(),
