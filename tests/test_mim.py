@@ -120,3 +120,16 @@ def test_loss_has_gradient_only_on_masked_predictions():
     mim_loss(pred, imgs, mask, 2).backward()
     assert (pred.grad[0, 1] == 0).all() and (pred.grad[0, 3] == 0).all()
     assert (pred.grad[0, 0] != 0).all() and (pred.grad[0, 2] != 0).all()
+
+
+def test_the_masked_count_is_exact_under_bf16_predictions():
+    """Under bf16 autocast the prediction is bf16; the count of masked patches must not be (646 summed in bf16
+    is 648): the loss equals the fp32 loss of the same bf16 values."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(17, 3, 64, 64, generator=g)
+    mask = torch.rand(17, 64, generator=g) < 0.6
+    pred = torch.randn(17, 64, 8 * 8 * 3, generator=g).bfloat16()
+    for per_count in (False, True):
+        got = mim_loss(pred, imgs, mask, 8, per_masked_count=per_count)
+        want = mim_loss(pred.float(), imgs, mask, 8, per_masked_count=per_count)
+        assert torch.equal(got, want)

@@ -40,10 +40,10 @@ def mim_loss(
     if norm_pix:
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
-    m = mask.to(pred.dtype)
+    m = mask.float()  # counts in fp32: a bf16 sum rounds them (646 masked patches summed to 648)
     images = len(m)
     if weight is not None:
-        m, images = m * weight.to(pred.dtype)[:, None], weight.sum()
+        m, images = m * weight.float()[:, None], weight.sum()
     loss = ((pred - target).abs().mean(dim=-1) * m).sum() / m.sum().clamp(min=1)
     if per_masked_count:
         loss = loss / (m.sum() / images).clamp(min=1)
