@@ -351,8 +351,8 @@ def test_torch_decode_path_on_the_cpu_is_close_to_pil(tmp_path, max_aspect):
     for i, (w, h) in enumerate([(200, 150), (150, 200), (96, 96), (256, 64), (60, 45)]):
         files.append(root / f"{i}.jpg")
         _smooth(w, h, i).save(files[-1], quality=95)
-    geometry = DD.Geometry(32, max_aspect)
-    for file, got in zip(files, DD.decode_jpegs(files, geometry, device="cpu")):
+    geometry = DEC.Geometry(32, max_aspect)
+    for file, got in zip(files, DEC.decode_jpegs(files, geometry, device="cpu")):
         img, hw, reason = DEC.decode_pil(file, geometry)
         hw = np.broadcast_to(hw, (2,))
         assert reason is None and got is not None
@@ -368,7 +368,7 @@ def test_torch_decode_path_leaves_non_jpegs_and_truncated_files_to_pil(tmp_path)
     _smooth(40, 30, 0).save(png, format="PNG")
     _smooth(40, 30, 1).save(good, quality=90)
     cut.write_bytes(good.read_bytes()[:300])
-    got = DD.decode_jpegs([png, cut, good], DD.Geometry(S, 2.0), device="cpu")
+    got = DEC.decode_jpegs([png, cut, good], DEC.Geometry(S, 2.0), device="cpu")
     assert got[0] is None and got[1] is None and got[2] is not None
 
 

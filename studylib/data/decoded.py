@@ -56,7 +56,7 @@ import torch
 from studylib.core.files import atomic_write_bytes, atomic_write_text, read_json
 from studylib.data import decoders as DEC
 from studylib.data import readers as R
-from studylib.data.decoders import Geometry, decode_jpegs  # noqa: F401 (tests/test_decoded.py reads decode_jpegs here)
+from studylib.data.decoders import Geometry
 from studylib.data.resident import Origin
 from studylib.data.sources import default_cache_dir
 
