@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from studylib.core import augment as A
+from studylib.core.fused_fit import draw_members
 from studylib.core.model import model_config
 from studylib.study import config as C
 from studylib.study import stages
@@ -131,17 +132,19 @@ def _prepare(name: str, data: dict, run_dir, device: str, monkeypatch) -> tuple:
     settings = {"epochs": 1, "batch_size": BATCH, **settings}
     loaded = {}
 
-    def spy(fn, key):
+    def spy(name, key):
+        fn = getattr(stages, name)
+
         def capture(*args, **kwargs):
             out = fn(*args, **kwargs)
             loaded.setdefault(key, out)
             return out
 
-        monkeypatch.setattr(stages, fn.__name__, capture)
+        monkeypatch.setattr(stages, name, capture)
 
-    spy(stages.load_image_set, "image_set")
-    spy(stages.segmentation_split, "split")
-    spy(stages.load_intel, "intel")
+    spy("load_image_set", "image_set")
+    spy("segmentation_split", "split")
+    spy("load_intel", "intel")
     run_dir = str(run_dir / name)
     if stage == "pretrain":
         p = stages.prepare_pretrain(run_dir, MODEL, data, settings, size, seed, device)
@@ -166,6 +169,25 @@ def test_a_training_step_sends_its_batch_in_at_most_one_copy(name, data, tmp_pat
         out = job.batch(order[BATCH : 2 * BATCH], g)
     assert len(log) <= 1, f"{name}: {len(log)} host-to-device copies in one step: {log}"
     assert all(t.device.type == "meta" for t in out)
+
+
+@pytest.mark.parametrize("name", ["pretrain", "segment", "intel-mixup"])
+def test_a_fused_groups_step_sends_every_members_batch_in_one_copy(name, data, tmp_path, monkeypatch):
+    """Three members of a group drawn as fused_fit draws them (draw_members): one packed copy for the step,
+    not one per member; and on the host each member's batch is the one its own `batch` draws (same bits)."""
+    jobs = [_prepare(name, data, tmp_path / f"m{i}", "meta", monkeypatch)[0] for i in range(3)]
+    gens = [torch.Generator().manual_seed(5 + i) for i in range(3)]
+    idx = [torch.randperm(j.n_train, generator=g)[:BATCH] for j, g in zip(jobs, gens)]
+    draw_members(jobs, idx, gens, "meta")  # the first step may make the device's constants
+    with host_to_device_copies() as log:
+        out = draw_members(jobs, idx, gens, "meta")
+    assert len(log) == 1, f"{name}: {len(log)} host-to-device copies for a group of 3: {log}"
+    assert len(out) == 3 and all(t.device.type == "meta" for b in out for t in b)
+    host = [_prepare(name, data, tmp_path / f"h{i}", "cpu", monkeypatch)[0] for i in range(3)]
+    fused = draw_members(host, idx, [torch.Generator().manual_seed(9 + i) for i in range(3)], "cpu")
+    alone = [j.batch(i, torch.Generator().manual_seed(9 + k)) for k, (j, i) in enumerate(zip(host, idx))]
+    for a, b in zip(fused, alone):
+        _assert_same_bits(a, b, name)
 
 
 # ---------------------------------------------------------------- the same bits as the old recipe

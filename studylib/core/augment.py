@@ -71,18 +71,18 @@ def to_device(device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | Non
     """The tensors on `device`, those on the host sent in ONE copy (their bytes packed in one buffer, pinned and sent
     without blocking on CUDA) and read back as views: the same bits. A step's index, crop boxes, flips, contrast
     factors, MixUp permutation and masks are a few kB; one copy each was one synchronising transfer each. A None
-    (a draw the recipe does not make) stays None."""
+    (a draw the recipe does not make) or a plain number (MixUp's lambda) passes as it is."""
     device = torch.device(device)
-    host = [i for i, t in enumerate(tensors) if t is not None and t.device.type == "cpu" and t.device != device]
-    if not host:
-        return tuple(None if t is None else t.to(device) for t in tensors)
-    buf, spans = pack([tensors[i] for i in host])
-    cuda = device.type == "cuda"
-    moved = unpack((buf.pin_memory() if cuda else buf).to(device, non_blocking=cuda), spans)
+    tensor = [isinstance(t, torch.Tensor) for t in tensors]
+    host = [i for i, t in enumerate(tensors) if tensor[i] and t.device.type == "cpu" and t.device != device]
     out = list(tensors)
-    for i, t in zip(host, moved):
-        out[i] = t
-    return tuple(None if t is None else t.to(device) for t in out)
+    if host:
+        buf, spans = pack([tensors[i] for i in host])
+        cuda = device.type == "cuda"
+        moved = unpack((buf.pin_memory() if cuda else buf).to(device, non_blocking=cuda), spans)
+        for i, t in zip(host, moved):
+            out[i] = t
+    return tuple(t.to(device) if is_tensor else t for t, is_tensor in zip(out, tensor))
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:

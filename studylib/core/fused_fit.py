@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from studylib.core import augment as A
 from studylib.core import train as T
 from studylib.core.fused import Fused, compile_losses, fused_step, make_fused_optimizer, pad_batch, takes_weight
 
@@ -102,7 +103,7 @@ def _fit_fused(
         t0, total = time.time(), torch.zeros(len(jobs), device=device, dtype=torch.float64)
         for b in range(steps):
             sl = slice(b * sched.batch_size, (b + 1) * sched.batch_size)
-            drawn = [j.batch(o[sl], g) for j, o, g in zip(jobs, orders, gens)]
+            drawn = draw_members(jobs, [o[sl] for o in orders], gens, device)
             batches, weight = tuple(torch.stack(parts) for parts in zip(*drawn)), None
             if pad:
                 batches, weight = pad_batch(batches, sched.batch_size)
@@ -130,6 +131,17 @@ def _fit_fused(
     for j in jobs:
         j.task.eval()
     return [failed.get(i, histories[i]) for i in range(len(jobs))]
+
+
+def draw_members(jobs: list[T.Job], idx: list[torch.Tensor], gens: list[torch.Generator], device) -> list[tuple]:
+    """Every member's batch for its indices idx[i], drawn from its own generator in its own order; where the
+    stages give the two halves of their batch (Job.draw / Job.apply), all members' host draws go to the device
+    in ONE copy per step (A.to_device), not one per member."""
+    if any(j.draw is None or j.apply is None for j in jobs):
+        return [j.batch(i, g) for j, i, g in zip(jobs, idx, gens)]
+    host = [j.draw(i, g) for j, i, g in zip(jobs, idx, gens)]
+    moved = iter(A.to_device(device, *(t for d in host for t in d)))
+    return [j.apply(*(next(moved) for _ in d)) for j, d in zip(jobs, host)]
 
 
 def _save_members(fused, opt, jobs, alive, histories, epoch, sched, device) -> None:

@@ -194,6 +194,10 @@ class Job:
     seed: int
     run_dir: Path
     desc: str = "train"
+    # batch's two halves, where a stage gives them: `draw(idx, g)` the host draws (tensors, or None, or plain
+    # numbers), `apply(*draws on the device)` the batch; a fused group sends every member's draws in one copy
+    draw: Callable[[torch.Tensor, torch.Generator], tuple] | None = None
+    apply: Callable[..., tuple] | None = None
 
     def step(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return self.loss(self.task, *self.batch(idx, g))

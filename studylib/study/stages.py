@@ -141,18 +141,23 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
     canvas = tuple(images.shape[-2:])
     unit = (s.mask_unit or cfg.patch_size) // cfg.patch_size
 
-    def batch(idx, g, crops=None):
-        """Images idx cropped (random crops drawn from g unless `crops` are given), resized, flipped
-        (when g is given), normalised; with one mask each. Every draw is made on the host first, in the
-        recipe's order (crops, flips, masks), and sent to the device in one copy."""
+    def draw(idx, g, crops=None):
+        """The host draws for images idx, in the recipe's order (crops unless given, flips when g is
+        given, masks): (idx, boxes, flips, transposed, mask)."""
         n, hw = len(idx), sizes[idx]
         crops = A.random_resized_crop_params(hw, tuple(s.crop_scale), g=g) if crops is None else crops
         flips = A.random_flips(n, g) if g is not None else torch.zeros(n, dtype=torch.bool)
         mask = random_masks(n, cfg.grid, unit, s.mask_ratio, g)
         boxes, transposed = A.canvas_boxes(crops, hw, canvas)
-        i, boxes, flips, transposed, mask = A.to_device(dev, idx, boxes, flips, transposed, mask)
+        return idx, boxes, flips, transposed, mask
+
+    def apply(i, boxes, flips, transposed, mask):
+        """The draws on the device -> the images cropped, resized, flipped and normalised, with their masks."""
         grid = A.affine_grid(boxes, flips, cfg.img_size, dev, transposed)
         return A.normalize(A.warp_images(A.to_float(images[i]), grid)), mask
+
+    def batch(idx, g, crops=None):
+        return apply(*A.to_device(dev, *draw(idx, g, crops)))  # one copy per step
 
     def loss(net, x, mask, weight=None):
         """`weight` [B]: 1 real, 0 padding (a compiled group's padded last batch); None: every sample counts."""
@@ -176,7 +181,7 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
         fields = {"images": len(images), "skipped": skipped, "epochs": s.epochs, "eval_masked_l1": eval_loss}
         return examples, fields
 
-    job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain")
+    job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain", draw, apply)
     return prepared("pretrain", job, _schedule(s), dev, evaluate, {"images": len(images)})
 
 
@@ -302,11 +307,16 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
     # the uint8 images move to the device once, shared with the group's other members (data.resident)
     images, labels = resident.share(train.origin, train.images, dev), train_y.to(dev)
 
-    def batch(idx, g):
-        # the host draws in the recipe's order (flip, contrast, then MixUp's), then one copy to the device
+    def draw(idx, g):
+        """The host draws in the recipe's order (flip, contrast, then MixUp's): (idx, flip, contrast, lam, perm)."""
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
         lam, perm = A.mixup_draw(len(idx), s.mixup_alpha, g) if arm != "spatial" else (1.0, None)
-        i, flip, contrast, perm = A.to_device(dev, idx, p["flip"], p["contrast"], perm)
+        return idx, p["flip"], p["contrast"], lam, perm
+
+    def batch(idx, g):
+        return apply(*A.to_device(dev, *draw(idx, g)))  # one copy per step
+
+    def apply(i, flip, contrast, lam, perm):
         x = A.to_float(images[i])
         x = norm(A.adjust_contrast(A.warp_images(x, A.affine_grid(A.full_boxes(len(x), dev), flip, S, dev)), contrast))
         y = labels[i]
@@ -344,7 +354,7 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
         }
         return examples, fields
 
-    job = Job(task, batch, loss, len(train), seed, run_dir, f"intermediate {arm}")
+    job = Job(task, batch, loss, len(train), seed, run_dir, f"intermediate {arm}", draw, apply)
     return prepared("intermediate", job, _schedule(s), dev, evaluate, {"arm": arm})
 
 
@@ -410,10 +420,15 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
     masks = resident.share(train.mask_origin, train.masks, dev)
     n_train, train_skipped = len(train), train.skipped
 
-    def batch(idx, g):
+    def draw(idx, g):
         p = {k: v[idx] for k, v in frozen.items()} if frozen else _flip_contrast(len(idx), s.contrast, g)
-        i, flip, contrast = A.to_device(dev, idx, p["flip"], p["contrast"])  # one copy per step
+        return idx, p["flip"], p["contrast"]
+
+    def apply(i, flip, contrast):
         return _seg_apply(images[i], masks[i], {"flip": flip, "contrast": contrast}, s, dev)
+
+    def batch(idx, g):
+        return apply(*A.to_device(dev, *draw(idx, g)))  # one copy per step
 
     def loss(net, x, y, weight=None):
         """`weight` [B]: 1 real, 0 padding (a compiled group's padded last batch); None: every sample counts."""
@@ -451,7 +466,7 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
         }
         return examples, fields
 
-    job = Job(task, batch, loss, n_train, seed, run_dir, "segment")
+    job = Job(task, batch, loss, n_train, seed, run_dir, "segment", draw, apply)
     return prepared("segment", job, _schedule(s), dev, evaluate)
 
 
