@@ -343,6 +343,5 @@ def test_the_runner_executes_the_schedule_of_grid(tmp_path):
     # sequential on local workers: the sizes of an arm share kernels, capped in image-steps
     assert any(len({r.params["size"] for r in g.runs}) > 1 for g in cpu if g.stage == "segment")
     for g in cpu:
-        work = [grid.image_steps(r) for r in g.runs]
-        assert sum(work) - max(work) < grid.SEQUENTIAL_GROUP_STEPS  # passed by less than one run
+        assert len(g.runs) == 1 or sum(grid.image_steps(r) for r in g.runs) <= grid.SEQUENTIAL_GROUP_STEPS
     assert all(len(g.runs) <= eng.members("cpu") for g in cluster)

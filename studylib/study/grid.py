@@ -156,8 +156,8 @@ def groups(runs: list[Run], size: int, spread: int = 1, max_steps: int = 0) -> l
     groups start first, so they do not finish last).
     Fused (max_steps 0): runs of equal shape (shape_key), at most `size` per group, split evenly.
     Sequential (max_steps > 0: members run one after another, so only kernel starts are shared): runs of
-    equal wait_key packed into as few groups as hold max_steps image-steps and `size` runs each (a kernel
-    start, seconds, is paid per group, not per run; a run longer than max_steps is a group of its own), then each stage
+    equal wait_key packed into as few balanced groups as hold at most max_steps image-steps and `size` runs each
+    (a kernel start, seconds, is paid per group, not per run; a longer run is a group of its own), then each stage
     split into at least `spread` groups where it can (that many workers stay busy)."""
     if max_steps <= 0:
         return _by_order(_fused_groups(runs, size))
@@ -188,14 +188,17 @@ def _work(runs: list[Run]) -> int:
 
 
 def _pack(members: list[Run], max_steps: int, size: int) -> list[list[Run]]:
-    """As few bins as hold the work at max_steps image-steps each and at most `size` runs, balanced by
-    work: the longest run first into the least loaded bin with room (a bin may pass max_steps by less
-    than one run)."""
+    """As few bins as hold the work at most max_steps image-steps (a longer run alone) and `size` runs each,
+    balanced by work: the longest run first into the least loaded bin with room."""
+    order = sorted(members, key=lambda r: (-image_steps(r), r.id))
     n_bins = max(-(-_work(members) // max_steps), -(-len(members) // max(1, size)), 1)
-    bins: list[list[Run]] = [[] for _ in range(min(n_bins, len(members)))]
-    for run in sorted(members, key=lambda r: (-image_steps(r), r.id)):
-        min((b for b in bins if len(b) < size), key=_work).append(run)
-    return bins
+    while True:
+        bins: list[list[Run]] = [[] for _ in range(min(n_bins, len(members)))]
+        for run in order:
+            min((b for b in bins if len(b) < size), key=_work).append(run)
+        if all(len(b) == 1 or _work(b) <= max_steps for b in bins):
+            return bins
+        n_bins += 1
 
 
 def _spread(stage_groups: list[Group], spread: int) -> list[Group]:
