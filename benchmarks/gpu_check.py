@@ -150,7 +150,7 @@ def measure_fused(prepared: list, dev, box: B.Box, precision: str, tf32: bool, f
     members = [dataclasses.replace(p, sched=sched) for p in prepared]
     steps: list = []
     with T.tf32(dev, tf32):
-        out = B.fused(members, dev, box, on_step=steps.append)
+        out = B.fused(members, dev, box, on_step=steps.append, mode="")
         out = rate(out, len(members), box.batch, flops)
         return {**out, **profile(steps[-1], dev)}
 

@@ -100,3 +100,25 @@ def test_provenance_records_the_precision_trained_in(tmp_path):
     assert fp32 == provenance.describe({k: v for k, v in m.items() if k != "precision"})
     assert provenance.describe(m) == fp32.replace(f"torch {m['torch']}", f"torch {m['torch']}, bf16 autocast")
     assert len(provenance.mixed([m, {**m, "precision": "fp32"}])) == 2
+
+
+@pytest.mark.parametrize("rates,want", [((300.0, 330.0), "bf16"), ((330.0, 300.0), "fp32"), (None, "fp32")])
+def test_a_segment_run_trains_in_the_precision_its_stores_bench_picks(tmp_path, rates, want):
+    """A run in <store>/segment/<id> with `precision: auto` reads the store's bench rates (fp32, bf16 step rates
+    of segmentation), trains in the faster one on this CPU, and says which in metrics.json and provenance."""
+    import json
+
+    from studylib.study import stages
+
+    if rates:
+        stored_rates(tmp_path, {"segment": rates})
+    run_dir = tmp_path / "segment" / "abc"
+    run_dir.mkdir(parents=True)
+    synth = {"seed": 0, "pets": 24, "unlabeled": 0, "intel_train_per_class": 0, "intel_test_per_class": 0}
+    data = {"kind": "synthetic", "synth": synth, "cache": str(tmp_path / "cache")}
+    settings = {"epochs": 1, "batch_size": 8, "test_size": 8, "precision": "auto"}
+    p = stages.prepare_segment(str(run_dir), "viny-tiny", data, settings, "", 16, 0, "cpu")
+    assert p.sched.precision == ("bf16+cpu" if want == "bf16" else "fp32")
+    stages.train(p, {})
+    assert json.loads((run_dir / "metrics.json").read_text())["precision"] == want
+    assert json.loads((run_dir / "provenance.json").read_text())["machine"]["precision"] == want

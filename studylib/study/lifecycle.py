@@ -22,6 +22,7 @@ from studylib.core.fused_fit import fit_jobs
 from studylib.core.train import Job, Schedule, deterministic_setup, tf32
 from studylib.study.config import EngineConfig, build
 from studylib.study.locks import RunLock
+from studylib.study.provenance import trained_precision
 from studylib.study.store import STAGE_LOCK, RunFolder
 
 
@@ -53,13 +54,22 @@ Evaluation = Callable[[], tuple[dict, dict]]
 def prepared(stage: str, job: Job, sched: Schedule, device: torch.device, evaluate: Evaluation, meta=None) -> Prepared:
     """A Prepared run whose finish is the shared one (see `finisher`); started now: train_seconds count from here."""
     folder = RunFolder(job.run_dir)
-    return Prepared(job, sched, device, folder.is_done, finisher(stage, folder, job.task, device, evaluate, meta))
+    finish = finisher(stage, folder, job.task, device, evaluate, meta, trained_precision(device, sched.precision))
+    return Prepared(job, sched, device, folder.is_done, finish)
 
 
-def finisher(stage: str, folder: RunFolder, task, device, evaluate: Evaluation, meta: dict | None = None):
+def finisher(
+    stage: str,
+    folder: RunFolder,
+    task,
+    device,
+    evaluate: Evaluation,
+    meta: dict | None = None,
+    precision: str | None = None,
+):
     """`finish(history)` of a run: restore the weights if the run is done, evaluate, and (unless done) write
-    metrics.json as {stage, the stage's fields, final_train_loss, train_seconds, device} with the weights
-    (`meta` goes into the encoder file's metadata, after the stage)."""
+    metrics.json as {stage, the stage's fields, final_train_loss, train_seconds, device, precision (what it
+    trained in, where given)} with the weights (`meta` goes into the encoder file's metadata, after the stage)."""
     t0 = time.time()
 
     def finish(history: list[dict]) -> StageResult:
@@ -76,6 +86,7 @@ def finisher(stage: str, folder: RunFolder, task, device, evaluate: Evaluation, 
             "final_train_loss": history[-1]["loss"],
             "train_seconds": round(time.time() - t0, 2),
             "device": str(device),
+            **({"precision": precision} if precision else {}),
         }
         folder.finish(task, metrics, {"stage": stage, **(meta or {})})
         return StageResult(folder.path, metrics, history, examples)

@@ -54,6 +54,7 @@ from studylib.study.config import (
     SegmentConfig,
     build,
     file_sha256,
+    resolve_precision,
 )
 from studylib.study.lifecycle import Prepared, StageResult, exclusive, prepared, run_folder, train
 from studylib.study.store import RunFolder
@@ -64,10 +65,15 @@ EVAL_BATCH = 256
 # ---------------------------------------------------------------- shared by the recipes
 
 
-def _schedule(s) -> Schedule:
+def _schedule(s, dev=None, model: str = "", run_dir="", stage: str = "") -> Schedule:
+    """The run's schedule; precision auto resolved for its device, model and stage from the bench rates of the
+    run store it sits in (<runs>/<stage>/<id>: config.resolve_precision)."""
+    precision = s.precision
+    if dev is not None:
+        precision = resolve_precision(precision, dev, model, stage, Path(run_dir).parent.parent)
     milestones = list(s.milestones)
     return Schedule(
-        s.epochs, s.batch_size, s.lr, s.weight_decay, milestones, s.gamma, s.decay_all, s.precision, s.uses_tf32()
+        s.epochs, s.batch_size, s.lr, s.weight_decay, milestones, s.gamma, s.decay_all, precision, s.uses_tf32()
     )
 
 
@@ -182,7 +188,8 @@ def prepare_pretrain(run_dir, model, data, settings, size, seed, device) -> Prep
         return examples, fields
 
     job = Job(task, batch, loss, len(images), seed, run_dir, "pretrain", draw, apply)
-    return prepared("pretrain", job, _schedule(s), dev, evaluate, {"images": len(images)})
+    sched = _schedule(s, dev, model, run_dir, "pretrain")
+    return prepared("pretrain", job, sched, dev, evaluate, {"images": len(images)})
 
 
 class _EncoderOnly(torch.nn.Module):
@@ -355,7 +362,8 @@ def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, devic
         return examples, fields
 
     job = Job(task, batch, loss, len(train), seed, run_dir, f"intermediate {arm}", draw, apply)
-    return prepared("intermediate", job, _schedule(s), dev, evaluate, {"arm": arm})
+    sched = _schedule(s, dev, model, run_dir, "intermediate")
+    return prepared("intermediate", job, sched, dev, evaluate, {"arm": arm})
 
 
 # ---------------------------------------------------------------- stage 3: trimap segmentation
@@ -467,7 +475,7 @@ def prepare_segment(run_dir, model, data, settings, parent_dir, size, seed, devi
         return examples, fields
 
     job = Job(task, batch, loss, n_train, seed, run_dir, "segment", draw, apply)
-    return prepared("segment", job, _schedule(s), dev, evaluate)
+    return prepared("segment", job, _schedule(s, dev, model, run_dir, "segment"), dev, evaluate)
 
 
 # ---------------------------------------------------------------- the recipes by stage

@@ -177,7 +177,8 @@ class RunFolder:
         from studylib.study import provenance
 
         seed = self.parameters.get("seed")
-        record = provenance.record(PACKAGE_DIR, seed, metrics.get("device", "unknown"), started, ended)
+        device, precision = metrics.get("device", "unknown"), metrics.get("precision")
+        record = provenance.record(PACKAGE_DIR, seed, device, started, ended, precision)
         atomic_write_json(self.path / "provenance.json", {**record, **extra})
 
     def restore(self, task) -> None:
