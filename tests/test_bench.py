@@ -252,7 +252,7 @@ def test_the_precision_verdict_is_kept_per_model_and_threads(tmp_path):
     other["entries"][1]["images_per_s"] = 400.0
     other["precision_auto"] = B.precision_record(other)
     B.save_rates(tmp_path, other)
-    stored = B.read_json(B.rates_path(tmp_path, "cpu-test"))
+    stored = json.loads(B.rates_path(tmp_path, "cpu-test").read_text())
     assert stored["model"] == "viny" and len(stored["precision_auto"]) == 2  # the viny-tiny verdict kept
     assert {v["model"]: v["stages"]["segment"]["bf16"] for v in stored["precision_auto"].values()} == {
         "viny-tiny": 274.0,

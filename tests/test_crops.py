@@ -15,6 +15,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from studylib.core import augment as A
 from studylib.data import decoded as DD
+from studylib.data import decoders as DEC
 from studylib.data import readers as D
 from studylib.study import stages
 
@@ -121,13 +122,13 @@ def test_warping_the_whole_valid_image_restores_its_orientation(odd_shapes, tmp_
 def test_aspect_cache_is_reused_and_is_not_the_square_one(odd_shapes, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     calls = {"n": 0}
-    real = D.decode_image_aspect
+    real = DEC.decode_image_aspect
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "decode_image_aspect", counted)
+    monkeypatch.setattr(DEC, "decode_image_aspect", counted)
     first = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
     again = DD.load_image_set(odd_shapes, 4, 144, seed=0, cache_dir=cache, max_aspect=2.0)
     assert calls["n"] == 4

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from studylib.data import decoded as DD
+from studylib.data import decoders as DEC
 from studylib.data import readers as D
 from studylib.data.readers import DataError
 
@@ -294,7 +295,8 @@ def counted(monkeypatch):
         calls["trimap"] += 1
         return real_trimap(*a, **k)
 
-    monkeypatch.setattr(D, "decode_image", image)
+    monkeypatch.setattr(D, "decode_image", image)  # the whole-split caches (readers.cached_stack)
+    monkeypatch.setattr(DEC, "decode_image", image)  # the decoded image store (decoders.decode_pil)
     monkeypatch.setattr(D, "decode_trimap", trimap)
     return calls
 

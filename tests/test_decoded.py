@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGENET = ROOT.parent / "shared" / "data" / "imagenet_sample"
 S = 16
 # the real decoders, for the independent decode (tests count calls by replacing them in the module)
-DECODE_SQUARE, DECODE_ASPECT, VALID_SIZE = D.decode_image, D.decode_image_aspect, D.image_valid_size
+DECODE_SQUARE, DECODE_ASPECT, VALID_SIZE = DEC.decode_image, DEC.decode_image_aspect, DEC.image_valid_size
 
 # (width, height) of the synthetic images: landscape, portrait, square, 4:1, and smaller than S
 SHAPES = [(40, 30), (30, 40), (24, 24), (64, 16), (12, 9), (50, 37), (37, 50), (20, 35)]
@@ -58,7 +58,7 @@ def folder(tmp_path) -> Path:
 def counted(monkeypatch) -> dict:
     """Counts the PIL decodes (those done in this process: few rows are decoded without a pool)."""
     calls = {"aspect": 0, "square": 0}
-    aspect, square = D.decode_image_aspect, D.decode_image
+    aspect, square = DEC.decode_image_aspect, DEC.decode_image
 
     def count_aspect(*a, **k):
         calls["aspect"] += 1
@@ -68,8 +68,8 @@ def counted(monkeypatch) -> dict:
         calls["square"] += 1
         return square(*a, **k)
 
-    monkeypatch.setattr(D, "decode_image_aspect", count_aspect)
-    monkeypatch.setattr(D, "decode_image", count_square)
+    monkeypatch.setattr(DEC, "decode_image_aspect", count_aspect)
+    monkeypatch.setattr(DEC, "decode_image", count_square)
     return calls
 
 
@@ -223,19 +223,19 @@ def test_one_and_two_workers_build_the_same_store(tmp_path, monkeypatch):
 
 def test_a_failing_worker_fails_the_build_and_commits_nothing(tmp_path, monkeypatch):
     files = _write(tmp_path / "many", 48)
-    real = D.decode_image_aspect
+    real = DEC.decode_image_aspect
 
     def fails(path, *a, **k):
         if Path(path).name == "img-030.jpg":
             raise RuntimeError("disk gone")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(D, "decode_image_aspect", fails)  # the forked workers inherit it
+    monkeypatch.setattr(DEC, "decode_image_aspect", fails)  # the forked workers inherit it
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="disk gone"):
         DD.decoded_rows(tmp_path / "many", files, S, 2.0, cache, workers=2)
     assert not list(cache.glob("*.json"))
-    monkeypatch.setattr(D, "decode_image_aspect", real)
+    monkeypatch.setattr(DEC, "decode_image_aspect", real)
     found = DD.decoded_rows(tmp_path / "many", files, S, 2.0, cache, workers=2)
     assert np.array_equal(found.chw([30])[0], real(files[30], S, 2.0).transpose(2, 0, 1))
 
@@ -244,7 +244,7 @@ def test_a_failing_worker_fails_the_build_and_commits_nothing(tmp_path, monkeypa
 
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
-    real, seen = D.decode_image_aspect, [0]
+    real, seen = DEC.decode_image_aspect, [0]
 
     def decode(*a, **k):
         seen[0] += 1
@@ -252,7 +252,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "decode_image_aspect", decode)
+    monkeypatch.setattr(DEC, "decode_image_aspect", decode)
 
 
 def test_an_interrupted_build_leaves_no_finished_store(folder, tmp_path, monkeypatch, counted):
@@ -277,13 +277,13 @@ def test_an_interrupted_extension_keeps_the_committed_rows(folder, tmp_path, mon
     assert _index(cache) == committed
     monkeypatch.undo()
     calls = [0]
-    real = D.decode_image_aspect
+    real = DEC.decode_image_aspect
 
     def count(*a, **k):
         calls[0] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(D, "decode_image_aspect", count)
+    monkeypatch.setattr(DEC, "decode_image_aspect", count)
     got = DD.load_image_set(folder, 12, S, 0, cache_dir=cache, max_aspect=2.0)
     assert calls[0] == 8  # only the rows the interrupted call did not commit
     monkeypatch.undo()

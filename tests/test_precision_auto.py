@@ -10,8 +10,9 @@ import torch
 from studylib.core import train as T
 from studylib.study import bench as B
 from studylib.study import config as C
-from studylib.study import identity, provenance
-from studylib.study.config import ParamError, SegmentConfig, StageConfig, resolve_precision
+from studylib.study import identity, provenance, rates
+from studylib.study.config import ParamError, SegmentConfig, StageConfig
+from studylib.study.rates import resolve_precision
 
 
 def stored_rates(runs, stages: dict, model: str = "viny-tiny", threads: int | None = None) -> None:
@@ -28,7 +29,7 @@ def stored_rates(runs, stages: dict, model: str = "viny-tiny", threads: int | No
 
 @pytest.fixture(autouse=True)
 def fresh_notes(monkeypatch):
-    monkeypatch.setattr(C, "_SAID", set())
+    monkeypatch.setattr(rates, "_SAID", set())
 
 
 def test_auto_is_a_value_and_the_old_ones_keep_their_meaning():

@@ -1,7 +1,8 @@
 """The image decoders of the decoded stores (studylib.data.decoded, and readers.cached_stack's whole-split caches):
 PIL on the CPU, nvJPEG (torchvision.io.decode_jpeg, batched) on a CUDA device.
 
-`pil` is exactly readers.decode_image, or decode_image_aspect and image_valid_size, run in worker processes.
+`pil` is decode_image, or decode_image_aspect and image_valid_size (below: PIL, one file at a time), run in worker
+processes.
 `nvjpeg` decodes JPEGs in batches on the GPU and resizes there at the same geometry (resize_like_pil): the
 same output size and crop box rounded to whole pixels, torch's antialiased filter and nvJPEG's IDCT instead of
 PIL's resampler and libjpeg's. Not bit-identical to PIL: within a few grey levels (mean absolute difference under
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from studylib.data import readers as R
+from studylib.data.sources import DataError
 
 MIN_ROWS_PER_PROCESS = 16  # below this many rows per worker the rows are decoded here (no pool to start)
 MAX_CHUNK = 256  # rows per task: small enough to balance the workers, large enough to amortise a task
@@ -37,6 +39,94 @@ GPU_BATCH = 256  # files per decode_jpeg call
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 
 _DEVICE: ContextVar[str] = ContextVar("studylib_decode_device", default="cpu")
+
+
+# ---------------------------------------------------------------- PIL, one file at a time
+
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def decode_image(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Decode any image file by content to RGB [S, S, 3] uint8."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return np.asarray(im.resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+
+
+def decode_trimap(path: Path, size: int) -> np.ndarray:
+    """Decode a trimap PNG (1 pet, 2 background, 3 boundary) to classes 0..2 at [S, S]."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.resize((size, size), Image.NEAREST))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read trimap {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+    if arr.ndim != 2 or arr.min() < 1 or arr.max() > 3:
+        raise DataError(
+            f"trimap {path} must be single-channel with values 1, 2, 3; "
+            f"got shape {arr.shape} and values {np.unique(arr)[:8].tolist()}"
+        )
+    return (arr - 1).astype(np.uint8)
+
+
+def aspect_geometry(width: int, height: int, short: int, max_aspect: float):
+    """The aspect-kept resize of a width x height image: the short side becomes `short`, the long side
+    round(long * scale) but at most round(short * max_aspect), the excess cut evenly from both ends of
+    the long axis (the central part is kept). Returns the output (width, height) and the source box
+    (left, top, right, bottom) it is resampled from.
+
+    Why a bound of 2: RandomResizedCrop with area >= 0.67 and aspect <= 4/3 finds no crop that fits an
+    image more elongated than (4/3) / 0.67 = 1.99, and falls back to its central crop of aspect 4/3,
+    which the central 2:1 part holds; so for the paper's settings the bound drops no possible crop."""
+    s = short / min(width, height)
+    long_side = max(width, height)
+    out_long = min(round(long_side * s), round(short * max_aspect))
+    extent = min(float(long_side), out_long / s)  # source length along the long axis
+    off = (long_side - extent) / 2
+    if width >= height:
+        return (out_long, short), (off, 0.0, off + extent, float(height))
+    return (short, out_long), (0.0, off, float(width), off + extent)
+
+
+def decode_image_aspect(path: Path, short: int, max_aspect: float) -> np.ndarray:
+    """Decode by content to RGB, aspect kept (aspect_geometry), laid out [short, L, 3] with
+    L = round(short * max_aspect): long side along the width (portrait images transposed), from the
+    left, padded by repeating the last column (so bilinear sampling at the valid edge sees the edge)."""
+    bound = round(short * max_aspect)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            size, box = aspect_geometry(im.width, im.height, short, max_aspect)
+            arr = np.asarray(im.resize(size, RESAMPLE["bilinear"], box=box), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+    if arr.shape[0] > arr.shape[1]:
+        arr = arr.transpose(1, 0, 2)
+    return np.pad(arr, ((0, 0), (0, bound - arr.shape[1]), (0, 0)), mode="edge")
+
+
+def image_valid_size(path: Path, short: int, max_aspect: float) -> np.ndarray:
+    """The (height, width) decode_image_aspect gives the image, from its header alone."""
+    try:
+        with Image.open(path) as im:
+            (w, h), _ = aspect_geometry(im.width, im.height, short, max_aspect)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(
+            f"cannot read image {path}: {e}. Replace or delete the file, or set "
+            f"data.skip_unreadable: true to skip unreadable files."
+        ) from None
+    return np.array([h, w], np.int32)
 
 
 @dataclass(frozen=True)
@@ -49,8 +139,8 @@ class Geometry:
     interpolation: str = "bilinear"
 
     def __post_init__(self):
-        if self.interpolation not in R.RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(R.RESAMPLE)}, got {self.interpolation!r}")
+        if self.interpolation not in RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(RESAMPLE)}, got {self.interpolation!r}")
         if self.max_aspect is not None and self.max_aspect < 1:
             raise ValueError(f"max_aspect must be at least 1, got {self.max_aspect}")
         if self.max_aspect is not None and self.interpolation != "bilinear":
@@ -112,10 +202,10 @@ def decode_pil(path: Path, geometry: Geometry) -> tuple[np.ndarray | int, np.nda
     """(image [H, W, 3], valid (h, w), None) exactly as load_image_set decoded it, or (0, 0, the reason)."""
     try:
         if geometry.max_aspect is None:
-            return R.decode_image(path, geometry.size, geometry.interpolation), geometry.size, None
-        img = R.decode_image_aspect(path, geometry.size, geometry.max_aspect)
-        return img, R.image_valid_size(path, geometry.size, geometry.max_aspect), None
-    except R.DataError as e:
+            return decode_image(path, geometry.size, geometry.interpolation), geometry.size, None
+        img = decode_image_aspect(path, geometry.size, geometry.max_aspect)
+        return img, image_valid_size(path, geometry.size, geometry.max_aspect), None
+    except DataError as e:
         return 0, 0, str(e)
 
 
@@ -252,7 +342,7 @@ def resize_like_pil(img: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor
     if geometry.max_aspect is None:
         s = geometry.size
         return _resample(img, (s, s), geometry.interpolation).permute(1, 2, 0), np.array([s, s], np.int32)
-    (ow, oh), (left, top, right, bottom) = R.aspect_geometry(w, h, geometry.size, geometry.max_aspect)
+    (ow, oh), (left, top, right, bottom) = aspect_geometry(w, h, geometry.size, geometry.max_aspect)
     out = _resample(img[:, round(top) : round(bottom), round(left) : round(right)], (oh, ow), "bilinear")
     if oh > ow:  # portrait images lie transposed, as in decode_image_aspect
         out = out.transpose(1, 2)

@@ -18,20 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from studylib.core.files import atomic_save_npy, atomic_write_json, read_json
+from studylib.data import decoders
+from studylib.data.decoders import (  # noqa: F401 (readers.decode_image etc.: the names callers use)
+    RESAMPLE,
+    aspect_geometry,
+    decode_image,
+    decode_image_aspect,
+    decode_trimap,
+    image_valid_size,
+)
 from studylib.data.resident import Origin
-from studylib.data.sources import default_cache_dir
+from studylib.data.sources import DataError, default_cache_dir
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 INTEL_CLASSES = ("buildings", "forest", "glacier", "mountain", "sea", "street")
 PET_CLASSES = ("pet", "background", "boundary")
-RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
-
-
-class DataError(ValueError):
-    """A dataset folder or file is missing or unreadable; the message names it and the fix."""
 
 
 @dataclass
@@ -67,37 +70,6 @@ class ClassData:
 
 
 # ---------------------------------------------------------------- decoding and the cache
-
-
-def decode_image(path: Path, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """Decode any image file by content to RGB [S, S, 3] uint8."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            return np.asarray(im.resize((size, size), RESAMPLE[interpolation]), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(
-            f"cannot read image {path}: {e}. Replace or delete the file, or set "
-            f"data.skip_unreadable: true to skip unreadable files."
-        ) from None
-
-
-def decode_trimap(path: Path, size: int) -> np.ndarray:
-    """Decode a trimap PNG (1 pet, 2 background, 3 boundary) to classes 0..2 at [S, S]."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.resize((size, size), Image.NEAREST))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(
-            f"cannot read trimap {path}: {e}. Replace or delete the file, or set "
-            f"data.skip_unreadable: true to skip unreadable files."
-        ) from None
-    if arr.ndim != 2 or arr.min() < 1 or arr.max() > 3:
-        raise DataError(
-            f"trimap {path} must be single-channel with values 1, 2, 3; "
-            f"got shape {arr.shape} and values {np.unique(arr)[:8].tolist()}"
-        )
-    return (arr - 1).astype(np.uint8)
 
 
 def _cache_key(paths: list[Path], what: str) -> str:
@@ -174,8 +146,6 @@ def _image_decoding(kind: str, size: int, interpolation: str, device) -> tuple[s
     """The cache kind and batch decoder of images at size x size for `device` (decoders.study_device when
     None): PIL per file on the CPU (kind unchanged, batch None); nvJPEG on a CUDA device, kind `<kind>-nvjpeg`,
     so that the file's name says which decoder wrote it and the two never meet."""
-    from studylib.data import decoders
-
     device = decoders.study_device(device)
     if decoders.decoder_for(device) == "pil":
         return kind, None
@@ -352,55 +322,3 @@ class ImageSet(ClassData):
     holds each image's valid (height, width) in its own orientation. Square sets: [N, 3, S, S], sizes S."""
 
     sizes: torch.Tensor | None = None
-
-
-def aspect_geometry(width: int, height: int, short: int, max_aspect: float):
-    """The aspect-kept resize of a width x height image: the short side becomes `short`, the long side
-    round(long * scale) but at most round(short * max_aspect), the excess cut evenly from both ends of
-    the long axis (the central part is kept). Returns the output (width, height) and the source box
-    (left, top, right, bottom) it is resampled from.
-
-    Why a bound of 2: RandomResizedCrop with area >= 0.67 and aspect <= 4/3 finds no crop that fits an
-    image more elongated than (4/3) / 0.67 = 1.99, and falls back to its central crop of aspect 4/3,
-    which the central 2:1 part holds; so for the paper's settings the bound drops no possible crop."""
-    s = short / min(width, height)
-    long_side = max(width, height)
-    out_long = min(round(long_side * s), round(short * max_aspect))
-    extent = min(float(long_side), out_long / s)  # source length along the long axis
-    off = (long_side - extent) / 2
-    if width >= height:
-        return (out_long, short), (off, 0.0, off + extent, float(height))
-    return (short, out_long), (0.0, off, float(width), off + extent)
-
-
-def decode_image_aspect(path: Path, short: int, max_aspect: float) -> np.ndarray:
-    """Decode by content to RGB, aspect kept (aspect_geometry), laid out [short, L, 3] with
-    L = round(short * max_aspect): long side along the width (portrait images transposed), from the
-    left, padded by repeating the last column (so bilinear sampling at the valid edge sees the edge)."""
-    bound = round(short * max_aspect)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            size, box = aspect_geometry(im.width, im.height, short, max_aspect)
-            arr = np.asarray(im.resize(size, RESAMPLE["bilinear"], box=box), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(
-            f"cannot read image {path}: {e}. Replace or delete the file, or set "
-            f"data.skip_unreadable: true to skip unreadable files."
-        ) from None
-    if arr.shape[0] > arr.shape[1]:
-        arr = arr.transpose(1, 0, 2)
-    return np.pad(arr, ((0, 0), (0, bound - arr.shape[1]), (0, 0)), mode="edge")
-
-
-def image_valid_size(path: Path, short: int, max_aspect: float) -> np.ndarray:
-    """The (height, width) decode_image_aspect gives the image, from its header alone."""
-    try:
-        with Image.open(path) as im:
-            (w, h), _ = aspect_geometry(im.width, im.height, short, max_aspect)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(
-            f"cannot read image {path}: {e}. Replace or delete the file, or set "
-            f"data.skip_unreadable: true to skip unreadable files."
-        ) from None
-    return np.array([h, w], np.int32)

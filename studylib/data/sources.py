@@ -68,3 +68,7 @@ def resolve_data(data: dict | None) -> DataPaths:
         out = write_synthetic(root, spec)
         return DataPaths(out["pets"], out["intel"], out["images"], cache, d.skip_unreadable)
     return DataPaths(Path(d.pets), Path(d.intel), Path(d.images), cache, d.skip_unreadable)
+
+
+class DataError(ValueError):
+    """A dataset folder or file is missing or unreadable; the message names it and the fix."""

@@ -20,8 +20,6 @@ turns a plan into predicted wall time per stage from them.
 from __future__ import annotations
 
 import math
-import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -34,13 +32,22 @@ import torch
 import torch.nn.functional as F
 
 from studylib.core import train as T
-from studylib.core.files import atomic_write_json, read_json
 from studylib.core.fused import Fused, compile_losses, fused_step, make_fused_optimizer, takes_weight
 from studylib.core.fused_fit import job_step
 from studylib.core.masking import mim_loss, random_masks
 from studylib.core.model import MODELS, MaskedImageModel, Segmenter, ViTConfig, build_encoder, model_config
 from studylib.study.config import EngineConfig, ParamError
-from studylib.study.provenance import cpu_model, trained_precision
+from studylib.study.provenance import trained_precision
+from studylib.study.rates import (  # noqa: F401 (load_rates, rates_path, precision_pick: read here by callers)
+    _key_text,
+    device_name,
+    load_rates,
+    machine_key,
+    precision_pick,
+    precision_record,
+    rates_path,
+    save_rates,
+)
 
 TASKS = ("pretrain", "segment")  # what is measured; the intermediate stage borrows segmentation's rates
 KERNEL_CODE = "from studylib.study import stages; from studylib.views import plots"
@@ -99,32 +106,6 @@ def train_flops_per_image(cfg: ViTConfig, task: str) -> int:
 
 
 # ---------------------------------------------------------------- the device and the clock
-
-
-def device_name(device: torch.device | str = "auto") -> str:
-    """The rates' file name: `cuda-<GPU name>` or `cpu-<CPU model, short>`, slugged."""
-    dev = T.resolve_device(device) if isinstance(device, str) else device
-    if dev.type == "cuda":
-        return _slug(f"cuda-{torch.cuda.get_device_name(dev)}")
-    return _slug(f"cpu-{_cpu_model()}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1]
-                break
-        else:
-            name = platform.processor()
-    except OSError:
-        name = platform.processor()
-    name = re.sub(r"\((r|tm)\)|@.*|\b\d+-core\b|\b(cpu|processor)\b", " ", name.lower())
-    return name.strip() or platform.machine() or "unknown"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _now(device: torch.device) -> float:
@@ -209,49 +190,6 @@ def add_shares(result: dict) -> None:
         e["share_fp32"] = e["tflops"] / mm["fp32_tflops"] if mm["fp32_tflops"] else None
         bf16 = e.get("precision") == "bf16" and mm["bf16_tflops"]
         e["share_bf16"] = e["tflops"] / mm["bf16_tflops"] if bf16 else None
-
-
-# ---------------------------------------------------------------- precision auto on a CPU
-
-
-def machine_key(model: str, threads: int | None = None) -> dict:
-    """What a CPU's bf16-against-fp32 verdict for a model holds for: the model, CPU model, kernel ISA, threads."""
-    threads = torch.get_num_threads() if threads is None else threads
-    isa = torch.backends.cpu.get_cpu_capability()
-    return {"model": model, "cpu": cpu_model(), "isa": isa, "threads": threads}
-
-
-def _key_text(key: dict) -> str:
-    return f"{key['model']} | {key['cpu']} | {key['isa']} | {key['threads']} threads"
-
-
-def precision_record(result: dict) -> dict:
-    """{key text: {key, stages: {stage: {fp32, bf16}}}}: the single step's images/s in each precision per stage,
-    from a CPU bench's single and single-bf16 entries; {} for a smoke run (not a measurement) or a GPU."""
-    if result["smoke"] or result["device_type"] != "cpu":
-        return {}
-    stages: dict = {}
-    for e in result["entries"]:
-        if e["what"] in ("single", "single-bf16"):
-            stages.setdefault(e["stage"], {})[e["precision"]] = e["images_per_s"]
-    key = machine_key(result["model"], result["threads"])
-    return {_key_text(key): {**key, "stages": stages}}
-
-
-def precision_pick(runs: str | Path, model: str, stage: str) -> tuple[str | None, str]:
-    """('bf16' or 'fp32', why) where this CPU's stored bench rates for the model, at this process's threads,
-    measured the stage's single step in both precisions (the intermediate stage by segmentation's); (None, why
-    not) otherwise."""
-    key, task = machine_key(model), "pretrain" if stage == "pretrain" else "segment"
-    rates = load_rates(runs, "cpu") or {}
-    found = (rates.get("precision_auto") or {}).get(_key_text(key), {}).get("stages", {}).get(task, {})
-    if "fp32" not in found or "bf16" not in found:
-        return None, (
-            f"no bench rates of {task} in both precisions for {_key_text(key)} in {Path(runs) / 'bench'} "
-            f"(`OMP_NUM_THREADS={key['threads']} study bench --device cpu --model {model} --runs {runs}` measures them)"
-        )
-    pick = "bf16" if found["bf16"] > found["fp32"] else "fp32"
-    return pick, f"{task} single step {found['bf16']:.0f} img/s in bf16, {found['fp32']:.0f} in fp32"
 
 
 # ---------------------------------------------------------------- (a) the authors' loop
@@ -594,23 +532,3 @@ def _precision_lines(record: dict) -> list[str]:
                 ratio = rate["bf16"] / rate["fp32"]
                 lines.append(f"precision auto, {stage}: {pick} (bf16 {ratio:.2f}x fp32 for {_key_text(found)})")
     return [""] + lines if lines else []
-
-
-# ---------------------------------------------------------------- rates in the run store
-
-
-def rates_path(runs: str | Path, device: str) -> Path:
-    return Path(runs) / "bench" / f"{device}.json"
-
-
-def save_rates(runs: str | Path, result: dict) -> Path:
-    """Write the bench result as <runs>/bench/<device name>.json (atomically). The precision verdicts of other
-    models and thread counts stored there before are kept (precision auto reads each run's own)."""
-    path = rates_path(runs, result["device"])
-    kept = (read_json(path) or {}).get("precision_auto") or {}
-    return atomic_write_json(path, {**result, "precision_auto": {**kept, **(result.get("precision_auto") or {})}})
-
-
-def load_rates(runs: str | Path, device: torch.device | str = "auto") -> dict | None:
-    """The stored bench result of this device (auto, cpu, cuda or a torch.device), or None."""
-    return read_json(rates_path(runs, device_name(device)))

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -48,7 +47,7 @@ __all__ = [
 ]
 
 ARMS = ("none", "intel", "pets-breeds", "spatial")
-PRECISIONS = ("bf16", "fp32", "auto")  # a stage's `precision` (resolve_precision says what auto trains in)
+PRECISIONS = ("bf16", "fp32", "auto")  # a stage's `precision` (rates.resolve_precision: what auto trains in)
 
 
 @functools.lru_cache(maxsize=16)
@@ -108,7 +107,7 @@ class StageConfig:
     init: str = "trunc_normal"  # paper ("torch"): PyTorch's default Linear init, standard-normal mask token
     decay_all: bool = False  # paper quirk (True): weight decay on every parameter, norms and biases too
     # bf16 autocast on a GPU (fp32 on a CPU); paper: "fp32" everywhere; auto: bf16 on a GPU, and on a CPU where
-    # `study bench` measured bf16 faster for the model on that machine (resolve_precision; provenance records it)
+    # `study bench` measured bf16 faster for the model on that machine (rates.resolve_precision; provenance records it)
     precision: str = "bf16"
     # TF32 matmuls and convolutions for what runs in fp32 on a CUDA GPU (nothing on a CPU): auto is on with
     # precision bf16 (the clean protocol) and off with fp32 (the paper's: the authors ran plain fp32)
@@ -322,29 +321,6 @@ class EngineConfig:
 
 def _device_type(device) -> str:
     return getattr(device, "type", None) or str(device).split(":")[0]
-
-
-_SAID: set = set()  # the 'no bench rates' notes already printed by this process
-
-
-def resolve_precision(precision: str, device, model: str, stage: str, runs) -> str:
-    """The precision a stage's Schedule trains with (studylib.core.train.autocast's values). 'auto' is 'bf16' on a
-    GPU; on a CPU BF16_CPU_TOO where the run store's bench rates (<runs>/bench, `study bench`) of this model on
-    this machine (CPU model, ISA, threads) measured the stage's bf16 step faster than its fp32 step, else 'fp32'
-    (said once per process when no rates decide). A run's id says 'auto' (the same on every machine); its
-    provenance.json records what it became."""
-    if precision != "auto":
-        return precision
-    if _device_type(device) == "cuda":
-        return "bf16"
-    from studylib.core.train import BF16_CPU_TOO
-    from studylib.study import bench
-
-    pick, why = bench.precision_pick(runs, model, stage)
-    if pick is None and why not in _SAID:
-        _SAID.add(why)
-        print(f"precision auto: {why}; training in fp32", file=sys.stderr, flush=True)
-    return BF16_CPU_TOO if pick == "bf16" else "fp32"
 
 
 @dataclass

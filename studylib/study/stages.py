@@ -54,9 +54,9 @@ from studylib.study.config import (
     SegmentConfig,
     build,
     file_sha256,
-    resolve_precision,
 )
 from studylib.study.lifecycle import Prepared, StageResult, exclusive, prepared, run_folder, train
+from studylib.study.rates import resolve_precision
 from studylib.study.store import RunFolder
 
 EVAL_BATCH = 256
@@ -67,7 +67,7 @@ EVAL_BATCH = 256
 
 def _schedule(s, dev=None, model: str = "", run_dir="", stage: str = "") -> Schedule:
     """The run's schedule; precision auto resolved for its device, model and stage from the bench rates of the
-    run store it sits in (<runs>/<stage>/<id>: config.resolve_precision)."""
+    run store it sits in (<runs>/<stage>/<id>: rates.resolve_precision)."""
     precision = s.precision
     if dev is not None:
         precision = resolve_precision(precision, dev, model, stage, Path(run_dir).parent.parent)
