@@ -218,3 +218,18 @@ def test_sigkill_of_a_fused_group_resumes_to_the_same_metrics(tmp_path):
     for run in pre:
         epochs = [json.loads(x)["epoch"] for x in (run.dir(killed) / "train_log.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, 31))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "intermediate", "segment"])
+def test_the_fused_path_prepares_with_the_arguments_the_sequential_path_trains_with(stage):
+    """run_group calls STAGE[stage](**common, **member, engine=...) one after another and PREPARE[stage](**common,
+    **member) fused, with members that carry only the keys their run has (an intel arm has no pets_split, a
+    shared intermediate no downstream): every argument STAGE defaults, PREPARE must default too (a fused intel
+    group failed with 'missing 2 required positional arguments')."""
+    import inspect
+
+    train = inspect.signature(stages.STAGE[stage]).parameters
+    prepare = inspect.signature(stages.PREPARE[stage]).parameters
+    assert set(prepare) == set(train) - {"engine"}
+    may_be_absent = {n for n in groups.MEMBER[stage] if train[n].default is None}  # keys a run's params may lack
+    assert all(prepare[n].default is None for n in may_be_absent), may_be_absent

@@ -345,3 +345,17 @@ def test_the_runner_executes_the_schedule_of_grid(tmp_path):
     for g in cpu:
         assert len(g.runs) == 1 or sum(grid.image_steps(r) for r in g.runs) <= grid.SEQUENTIAL_GROUP_STEPS
     assert all(len(g.runs) <= eng.members("cpu") for g in cluster)
+
+
+def test_a_run_blocked_by_a_failed_parent_is_counted_once_however_often_its_group_is_tried(tmp_path):
+    """A fused group mixes members whose parents failed with members still waiting for theirs: each try of the
+    group records the blocked ones; counted again, the progress read '27/21 runs'."""
+    plan = grid.plan(config.load(_params(tmp_path, intermediate=["none", "intel"])))
+    seg = [r for r in plan if r.stage == "segment"]
+    blocked = next(r for r in seg if r.parent is not None and r.parent.stage == "intermediate")
+    waiting = next(r for r in seg if r.parent is not None and r.parent.id != blocked.parent.id)
+    book = runner._Book([], runner.Execution(tmp_path, "cpu", ""), print, 1, "local")
+    book.bad.add(blocked.parent.id)
+    group = grid.Group("segment", [blocked, waiting])
+    assert book.ready(group) is False and book.ready(group) is False  # tried twice while the other waits
+    assert book.summary.blocked == [blocked.id]

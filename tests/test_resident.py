@@ -123,6 +123,31 @@ def test_pretrain_members_share_the_decoded_store(data, tmp_path, monkeypatch):
     assert torch.equal(x, x0) and torch.equal(mask, mask0)
 
 
+def test_members_whose_loads_grow_the_store_read_their_own_images(data, tmp_path, monkeypatch):
+    """Two seeds of one pre-training size, in a fresh cache: the second member's load appends rows to the store
+    the first one mapped (the store grows in place), so the pool must read from the longer map: each member's
+    batch equals its unshared batch. (It did not: rows past the first map came back as unfilled memory.)"""
+    root = str(resolve_data(data).images.parent)  # the synthetic folders already written; a new decoded store
+    fresh = {**data, "root": root, "cache": str(tmp_path / "cache")}
+    settings, idx = {"epochs": 1, "batch_size": 4}, torch.tensor([0, 3, 9, 11])
+    with resident.group():
+        runs = [
+            stages.prepare_pretrain(str(tmp_path / f"p{s}"), "viny-tiny", fresh, settings, 12, s, "cpu") for s in (0, 1)
+        ]
+        shared = [r.job.batch(idx, torch.Generator().manual_seed(1)) for r in runs]
+    monkeypatch.setattr(resident, "share", lambda origin, host, device: host.to(device))
+    for s, (x, mask) in zip((0, 1), shared):
+        p = stages.prepare_pretrain(str(tmp_path / f"q{s}"), "viny-tiny", fresh, settings, 12, s, "cpu")
+        x0, mask0 = p.job.batch(idx, torch.Generator().manual_seed(1))
+        assert torch.equal(x, x0) and torch.equal(mask, mask0), f"seed {s}"
+
+
+def test_a_row_past_the_maps_is_an_error_not_garbage(tmp_path):
+    mapped, _ = _store(tmp_path, n=4)
+    with pytest.raises(IndexError, match="past the 4 rows"):
+        Origin.of(tmp_path / "store.npy", mapped, [1, 6]).read(np.array([1, 6]))
+
+
 # ---------------------------------------------------------------- memory per group (study plan --estimate)
 
 REAL = {"kind": "real", "pets": "/nonexistent/pets", "intel": "", "images": ""}  # the published list sizes

@@ -57,6 +57,8 @@ class Origin:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """The given rows of the concatenated arrays, in the set's layout (a host copy of those rows only)."""
         starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        if len(rows) and (rows.min() < 0 or rows.max() >= starts[-1]):  # never hand back unfilled memory
+            raise IndexError(f"resident: row {int(rows.max())} lies past the {int(starts[-1])} rows these arrays map")
         out = np.empty((len(rows), *self.row_shape), self.arrays[0].dtype)
         part = np.searchsorted(starts, rows, side="right") - 1
         for k, array in enumerate(self.arrays):
@@ -74,6 +76,13 @@ class _Pool:
         self.origin, self.device = Origin(origin.key, origin.arrays, np.zeros(0, np.int64), origin.chw), device
         self.positions: dict[int, int] = {}
         self.tensor: torch.Tensor | None = None
+
+    def map_newer(self, origin: Origin) -> None:
+        """A store grows in place (rows appended, earlier rows unchanged): a later member's maps may reach rows
+        an earlier member's did not; before the copy is built, read from the longest maps seen."""
+        old, new = [len(a) for a in self.origin.arrays], [len(a) for a in origin.arrays]
+        if self.tensor is None and len(old) == len(new) and new != old and all(n >= o for n, o in zip(new, old)):
+            self.origin = Origin(origin.key, origin.arrays, self.origin.rows, origin.chw)
 
     def holds(self, rows: np.ndarray) -> bool:
         return all(int(r) in self.positions for r in rows)
@@ -138,6 +147,7 @@ def share(origin: Origin | None, host: torch.Tensor, device) -> Rows | torch.Ten
     if pool is None or (pool.tensor is not None and not pool.holds(origin.rows)):
         pool = _Pool(origin, device)
         _POOLS[key] = pool
+    pool.map_newer(origin)
     return Rows(pool, pool.add(origin.rows))
 
 

@@ -256,9 +256,10 @@ class _Book:
         for run in group.runs:
             parent = run.parent.id if run.parent else None
             if parent in self.bad:
-                self.bad.add(run.id)
-                self.summary.blocked.append(run.id)
-                self._tick(run)
+                if run.id not in self.bad:  # a group is tried again while other members wait: count each run once
+                    self.bad.add(run.id)
+                    self.summary.blocked.append(run.id)
+                    self._tick(run)
             elif parent is None or parent in self.finished:
                 members.append(run)
             else:

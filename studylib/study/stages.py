@@ -294,7 +294,9 @@ def _intermediate_data(arm, s, paths, seed, S, grid, pets_split, downstream, dev
     return train, test, list(PET_CLASSES), patch_labels(train.masks, grid), patch_labels(test.masks, grid)
 
 
-def prepare_intermediate(run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split, downstream):
+def prepare_intermediate(
+    run_dir, model, data, settings, parent_dir, seed, device, arm, pets_split=None, downstream=None
+):
     if arm not in ARMS[1:]:
         raise ValueError(f"intermediate arm {arm!r} is not one of {', '.join(ARMS[1:])}")
     s = build(IntermediateConfig, settings or {}, "intermediate")
