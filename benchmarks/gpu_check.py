@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from studylib.core import train as T  # noqa: E402
 from studylib.core.fused import Fused, compile_losses, fused_step, make_fused_optimizer, takes_weight  # noqa: E402
 from studylib.study import bench as B  # noqa: E402
+from studylib.study import rates as R  # noqa: E402
 from studylib.study.config import EngineConfig  # noqa: E402
 
 GPU = B.Box(batch=64, members=(3, 21), warmup=3, min_steps=10, min_seconds=2.0, max_seconds=8.0)
@@ -100,7 +101,7 @@ def versions(dev: torch.device) -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "cuda": torch.version.cuda,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else B.device_name(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else R.device_name(dev),
         "threads": torch.get_num_threads(),
     }
 

@@ -99,15 +99,16 @@ def print_power(cfg, plan: list, args) -> int:
 def print_estimate(cfg, todo: list, runs: str) -> None:
     """The predicted wall time of the runs to do, from this device's stored bench rates (measured and stored
     first when there are none)."""
-    from studylib.study import bench, estimate
+    from studylib.study import bench, config, estimate
+    from studylib.study import rates as stored
 
-    rates = bench.load_rates(runs, cfg.device)
+    rates = stored.load_rates(runs, cfg.device)
     if rates is None:
         print(f"\nno bench rates of this device in {runs}/bench: measuring them first (a few minutes)")
         rates = bench.bench(cfg.device, cache=Path(runs).resolve() / "cache")
-        print(f"rates: {bench.save_rates(runs, rates)}")
+        print(f"rates: {stored.save_rates(runs, rates)}")
     kind = rates["device_type"]
-    memory = estimate.memory_of(kind) if kind == estimate._device_type(cfg.device) else None  # this machine's
+    memory = estimate.memory_of(kind) if kind == config.device_type(cfg.device) else None  # this machine's
     df = estimate.estimate(todo, rates, cfg.engine, cfg.workers, cfg.executor, memory)
     print(f"\nestimated wall time of the runs to do ({estimate.count(cfg.workers, 'worker')}):")
     print(estimate.format_estimate(df, rates, todo))
@@ -120,13 +121,13 @@ def print_estimate(cfg, todo: list, runs: str) -> None:
 def cmd_bench(args) -> int:
     import json
 
-    from studylib.study import bench
+    from studylib.study import bench, rates
 
     cache = Path(args.runs).resolve() / "cache" if args.runs else None
     result = bench.bench(args.device, smoke=args.smoke, model=args.model, cache=cache)
     print(json.dumps(result, indent=2) if args.json else bench.table(result))
     if args.runs:  # the path goes to stderr under --json, so stdout stays one JSON document
-        print(f"rates: {bench.save_rates(args.runs, result)}", file=sys.stderr if args.json else sys.stdout)
+        print(f"rates: {rates.save_rates(args.runs, result)}", file=sys.stderr if args.json else sys.stdout)
     elif result.get("precision_auto"):
         print("precision auto reads these verdicts from a run store: add --runs RUNS to keep them", file=sys.stderr)
     return 0

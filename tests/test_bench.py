@@ -14,6 +14,7 @@ from studylib import cli
 from studylib.core.model import model_config
 from studylib.study import bench as B
 from studylib.study import estimate as E
+from studylib.study import rates as R
 from studylib.study.grid import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,9 +63,9 @@ def test_smoke_table_prints(smoke):
 
 def test_bench_stores_rates_per_device(smoke):
     result, runs = smoke
-    assert (runs / "bench" / f"{B.device_name('cpu')}.json").is_file()
-    assert B.load_rates(runs, "cpu") == result
-    assert B.load_rates(runs / "elsewhere", "cpu") is None
+    assert (runs / "bench" / f"{R.device_name('cpu')}.json").is_file()
+    assert R.load_rates(runs, "cpu") == result
+    assert R.load_rates(runs / "elsewhere", "cpu") is None
 
 
 def test_train_flops_of_viny_tiny_by_hand():
@@ -146,7 +147,7 @@ def test_estimate_unfused_and_of_another_model():
 
 
 def test_plan_estimate_uses_stored_rates(tmp_path, monkeypatch, capsys):
-    B.save_rates(tmp_path, made_up_rates(device=B.device_name("auto")))
+    R.save_rates(tmp_path, made_up_rates(device=R.device_name("auto")))
 
     def no_bench(*args, **kwargs):
         raise AssertionError("benchmarked again although rates are stored")
@@ -164,13 +165,13 @@ def test_plan_estimate_benchmarks_once_when_none_stored(tmp_path, monkeypatch, c
 
     def fake_bench(device="auto", smoke=False, model=None, cache=None):
         calls.append(smoke)
-        return made_up_rates(device=B.device_name(device))
+        return made_up_rates(device=R.device_name(device))
 
     monkeypatch.setattr(B, "bench", fake_bench)
     for _ in range(2):
         assert cli.main(["plan", str(SMOKE_PARAMS), "--runs", str(tmp_path), "--estimate"]) == 0
     assert calls == [False]  # the second call read what the first one stored
-    assert B.load_rates(tmp_path, "auto")["kernel_startup_s"] == 10.0
+    assert R.load_rates(tmp_path, "auto")["kernel_startup_s"] == 10.0
     assert "total: about" in capsys.readouterr().out
 
 
@@ -243,22 +244,22 @@ def test_each_entry_gets_its_share_of_the_matmul_rates_by_hand():
 def test_the_precision_verdict_is_kept_per_model_and_threads(tmp_path):
     result = hand_result()
     B.add_shares(result)
-    result["precision_auto"] = B.precision_record(result)
+    result["precision_auto"] = R.precision_record(result)
     (found,) = result["precision_auto"].values()
     assert found["stages"] == {"segment": {"fp32": 370.0, "bf16": 274.0}} and found["threads"] == 1
     assert "precision auto, segment: fp32 (bf16 0.74x fp32 for viny-tiny | " in B.table(result)
-    B.save_rates(tmp_path, result)
+    R.save_rates(tmp_path, result)
     other = hand_result() | {"model": "viny", "threads": 2}
     other["entries"][1]["images_per_s"] = 400.0
-    other["precision_auto"] = B.precision_record(other)
-    B.save_rates(tmp_path, other)
-    stored = json.loads(B.rates_path(tmp_path, "cpu-test").read_text())
+    other["precision_auto"] = R.precision_record(other)
+    R.save_rates(tmp_path, other)
+    stored = json.loads(R.rates_path(tmp_path, "cpu-test").read_text())
     assert stored["model"] == "viny" and len(stored["precision_auto"]) == 2  # the viny-tiny verdict kept
     assert {v["model"]: v["stages"]["segment"]["bf16"] for v in stored["precision_auto"].values()} == {
         "viny-tiny": 274.0,
         "viny": 400.0,
     }
-    assert B.precision_record(hand_result() | {"smoke": True}) == {}
+    assert R.precision_record(hand_result() | {"smoke": True}) == {}
 
 
 def test_fused_compiles_in_the_engines_mode(monkeypatch, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from studylib.core import train as T
-from studylib.study import bench as B
 from studylib.study import config as C
 from studylib.study import identity, provenance, rates
+from studylib.study import rates as R
 from studylib.study.config import ParamError, SegmentConfig, StageConfig
 from studylib.study.rates import resolve_precision
 
@@ -22,9 +22,9 @@ def stored_rates(runs, stages: dict, model: str = "viny-tiny", threads: int | No
         entries.append({"stage": stage, "what": "single", "images_per_s": fp32, "precision": "fp32"})
         entries.append({"stage": stage, "what": "single-bf16", "images_per_s": bf16, "precision": "bf16"})
     threads = torch.get_num_threads() if threads is None else threads
-    result = {"device": B.device_name("cpu"), "device_type": "cpu", "model": model, "threads": threads}
+    result = {"device": R.device_name("cpu"), "device_type": "cpu", "model": model, "threads": threads}
     result |= {"smoke": False, "entries": entries}
-    B.save_rates(runs, result | {"precision_auto": B.precision_record(result)})
+    R.save_rates(runs, result | {"precision_auto": R.precision_record(result)})
 
 
 @pytest.fixture(autouse=True)

@@ -201,12 +201,12 @@ def test_the_estimate_groups_runs_as_the_runner_does(runs, workers, groups_made)
 
 
 def test_plan_estimate_speaks_a_persons_units(tmp_path, capsys):
-    from studylib.study import bench
+    from studylib.study import rates
 
     values = yaml.safe_load(SMOKE.read_text())
     values["workers"] = 1
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(values))
-    bench.save_rates(tmp_path, made_up_rates(device=bench.device_name("auto")))
+    rates.save_rates(tmp_path, made_up_rates(device=rates.device_name("auto")))
     assert cli.main(["plan", str(tmp_path / "one.yaml"), "--runs", str(tmp_path), "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "(1 worker):" in out

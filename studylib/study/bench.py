@@ -38,16 +38,7 @@ from studylib.core.masking import mim_loss, random_masks
 from studylib.core.model import MODELS, MaskedImageModel, Segmenter, ViTConfig, build_encoder, model_config
 from studylib.study.config import EngineConfig, ParamError
 from studylib.study.provenance import trained_precision
-from studylib.study.rates import (  # noqa: F401 (load_rates, rates_path, precision_pick: read here by callers)
-    _key_text,
-    device_name,
-    load_rates,
-    machine_key,
-    precision_pick,
-    precision_record,
-    rates_path,
-    save_rates,
-)
+from studylib.study.rates import _key_text, device_name, precision_record
 
 TASKS = ("pretrain", "segment")  # what is measured; the intermediate stage borrows segmentation's rates
 KERNEL_CODE = "from studylib.study import stages; from studylib.views import plots"

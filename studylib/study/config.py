@@ -296,7 +296,7 @@ class EngineConfig:
 
     def _on(self, name: str, device) -> bool:
         value = getattr(self, name)
-        return value == "on" or (value == "auto" and _device_type(device) == "cuda")
+        return value == "on" or (value == "auto" and device_type(device) == "cuda")
 
     def fused(self, device) -> bool:
         return self._on("fuse", device)
@@ -305,10 +305,10 @@ class EngineConfig:
         """'' (eager), 'default' or 'reduce-overhead' (compiled with CUDA graphs): torch.compile's mode."""
         if not self._on("compile", device):
             return ""
-        return "reduce-overhead" if self._on("cuda_graphs", device) and _device_type(device) == "cuda" else "default"
+        return "reduce-overhead" if self._on("cuda_graphs", device) and device_type(device) == "cuda" else "default"
 
     def members(self, device) -> int:
-        return self.group_size or (32 if _device_type(device) == "cuda" else 8)
+        return self.group_size or (32 if device_type(device) == "cuda" else 8)
 
     def kernel_threads(self, workers: int, environ=None) -> int:
         """The CPU threads each of `workers` concurrent kernels gets: `threads`, else the cores shared out;
@@ -319,7 +319,12 @@ class EngineConfig:
         return self.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _device_type(device) -> str:
+def device_type(device) -> str:
+    """'cuda', 'cpu', ... of a torch.device or a name ('cuda:1'); 'auto': this machine's (a GPU if there is one)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
     return getattr(device, "type", None) or str(device).split(":")[0]
 
 

@@ -11,7 +11,7 @@ import os
 
 from studylib.core.model import model_config
 from studylib.study.bench import train_flops_per_image
-from studylib.study.config import EngineConfig, PretrainConfig, build
+from studylib.study.config import EngineConfig, PretrainConfig, build, device_type
 from studylib.study.grid import STAGES, Run, image_steps, pets_list_sizes, schedule, shape_key
 from studylib.study.stages import EVAL_BATCH
 
@@ -282,7 +282,7 @@ def fitted_schedule(
     """grid.schedule, with an automatic group size (engine.group_size 0) capped per shape so that each group
     fits in `memory` bytes of the device (memory_of: the GPU's, or the host's on a CPU). An explicit
     group_size is kept as given (the estimate says when it does not fit)."""
-    device = _device_type(device)
+    device = device_type(device)
     if engine.group_size or memory is None or not engine.fused(device):  # one after another: one member at a time
         return schedule(runs, engine, device, workers, executor)
     shapes: dict[str, list[Run]] = {}
@@ -293,14 +293,6 @@ def fitted_schedule(
         size = fitting_size(members, engine.members(device), engine.fused(device), memory)
         out += schedule(members, dataclasses.replace(engine, group_size=size), device, workers, executor)
     return sorted(out, key=lambda g: (STAGES.index(g.stage), -sum(image_steps(r) for r in g.runs)))
-
-
-def _device_type(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device).split(":")[0]
 
 
 def memory_table(scheduled: list, fused: bool, memory: int | None):

@@ -14,6 +14,7 @@ import torch
 
 from studylib.core import train as T
 from studylib.core.files import atomic_write_json, read_json
+from studylib.study.config import device_type
 from studylib.study.provenance import cpu_model
 
 
@@ -106,10 +107,6 @@ def load_rates(runs: str | Path, device: torch.device | str = "auto") -> dict | 
     return read_json(rates_path(runs, device_name(device)))
 
 
-def _device_type(device) -> str:
-    return getattr(device, "type", None) or str(device).split(":")[0]
-
-
 _SAID: set = set()  # the 'no bench rates' notes already printed by this process
 
 
@@ -121,7 +118,7 @@ def resolve_precision(precision: str, device, model: str, stage: str, runs) -> s
     provenance.json records what it became."""
     if precision != "auto":
         return precision
-    if _device_type(device) == "cuda":
+    if device_type(device) == "cuda":
         return "bf16"
     pick, why = precision_pick(runs, model, stage)
     if pick is None and why not in _SAID:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from studylib.core.train import progress_enabled
 from studylib.study import execution, store
-from studylib.study.config import EngineConfig, TimeoutConfig, build, to_dict
+from studylib.study.config import EngineConfig, TimeoutConfig, build, device_type, to_dict
 from studylib.study.execution import CELL_TIMEOUT, run_notebook
 from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, image_steps
 from studylib.study.locks import RunLock
@@ -227,9 +227,9 @@ def skipped_line(run: Run, runs: Path) -> str | None:
 
 def _schedule(runs: list[Run], ex: Execution, workers: int, executor: str) -> list[Group]:
     """grid.schedule with an automatic group size capped to fit the device's memory (the estimate's groups)."""
-    from studylib.study.estimate import _device_type, fitted_schedule, memory_of
+    from studylib.study.estimate import fitted_schedule, memory_of
 
-    device = _device_type(ex.device)
+    device = device_type(ex.device)
     return fitted_schedule(runs, ex.engine, device, workers, executor, memory_of(device))
 
 
