@@ -82,3 +82,13 @@ def smoke_geometry(smoke_store, tmp_path_factory) -> Store:
     store = copy_store(smoke_store, tmp_path_factory.mktemp("smoke-geometry") / "runs")
     encoders.compute(store.runs, store.plan, n_images=32, echo=lambda *_: None)
     return store
+
+
+@pytest.fixture
+def one_thread():
+    """Steps too small to share out: two threads only spin against other load on a 2-core box (10x slower in a
+    busy moment); one thread keeps each test to a second or two. Use: pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

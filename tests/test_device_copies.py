@@ -229,16 +229,19 @@ def _old_pretrain(loaded, s, cfg):
     return batch
 
 
+def _old_draw(frozen: dict, s, idx, g) -> dict:
+    """The flip and contrast of images idx: the frozen per-image draws (the paper), else drawn now from g."""
+    if s.frozen_augmentation:
+        return {k: v[idx] for k, v in frozen.items()}
+    return _old_flip_contrast(len(idx), s.contrast, g)
+
+
 def _old_segment(loaded, s, seed):
     train = loaded["split"][0]
     frozen = _old_flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed))
 
     def batch(idx, g):
-        p = (
-            {k: v[idx] for k, v in frozen.items()}
-            if s.frozen_augmentation
-            else _old_flip_contrast(len(idx), s.contrast, g)
-        )
+        p = _old_draw(frozen, s, idx, g)
         x, y = train.images[idx].float().div(255), train.masks[idx].long()
         grid = A.affine_grid(_old_whole(len(x)), p["flip"], x.shape[-1], "cpu")
         x, y = A.warp_images(x, grid), A.warp_labels(y, grid)
@@ -259,11 +262,7 @@ def _old_intermediate(loaded, s, seed, arm, cfg):
     frozen = _old_flip_contrast(len(train), s.contrast, torch.Generator().manual_seed(seed))
 
     def batch(idx, g):
-        p = (
-            {k: v[idx] for k, v in frozen.items()}
-            if s.frozen_augmentation
-            else _old_flip_contrast(len(idx), s.contrast, g)
-        )
+        p = _old_draw(frozen, s, idx, g)
         x = train.images[idx].float().div(255)
         x = A.adjust_contrast(
             A.warp_images(x, A.affine_grid(_old_whole(len(x)), p["flip"], cfg.img_size, "cpu")), p["contrast"]

@@ -29,14 +29,7 @@ SCHED = T.Schedule(epochs=1, batch_size=B, lr=1e-2, weight_decay=0.5)
 TOL = {"rtol": 1e-5, "atol": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These steps are too small to share out: two threads only spin against other load on a 2-core box
-    (10x slower in a busy moment), one thread keeps each test to a second or two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for these small steps
 
 
 # ------------------------------------------------------------------------------------------ three tasks

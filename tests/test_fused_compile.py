@@ -19,12 +19,7 @@ CPU = torch.device("cpu")
 TINY = ViTConfig("tiny", img_size=16, patch_size=8, dim=16, depth=1, heads=2, head_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for these small steps
 
 
 def _seg_loss(net, x, y, weight=None):

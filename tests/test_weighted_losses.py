@@ -31,12 +31,7 @@ VARIANTS = {  # name: (stage, settings, arm)
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread for these small steps
 
 
 @pytest.fixture(scope="module")
