@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from studylib.study import config, grid, runner
-from studylib.study.execution import NotebookTimeout, run_notebook
+from studylib.study.execution import KernelSession, NotebookTimeout, resume_kernels, run_notebook, stop_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -76,3 +76,95 @@ def test_a_hung_stage_run_is_recorded_failed_with_the_reason(tmp_path):
     error = json.loads((run.dir(tmp_path / "runs") / "error.json").read_text())
     assert error["error"].startswith("NotebookTimeout:") and "timeouts.training" in error["error"]
     assert _kernel_gone(pid_file)
+
+
+# ---------------------------------------------------------------- one kernel for notebook after notebook
+
+# a notebook that says which kernel ran it, whether it saw the last notebook's variable, and when its kernel
+# was cleared for it; `fail` makes it raise after that
+_REPORT = (
+    "import json, os\nprint(json.dumps({'pid': os.getpid(), 'leftover': 'leftover' in globals(), "
+    "'started': os.environ.get('STUDYLIB_NOTEBOOK_STARTED')}))\n"
+    "leftover = 1\nif fail:\n    raise ValueError('asked to')"
+)
+
+
+def _report_notebook(path: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("fail = False", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(_REPORT),
+    ]
+    nbformat.write(nb, path)
+    return path
+
+
+def _report(out: Path) -> dict:
+    cell = nbformat.read(out, as_version=4).cells[-1]
+    return json.loads(next(o["text"] for o in cell.outputs if o.get("name") == "stdout"))
+
+
+def test_a_kernel_session_runs_each_notebook_in_one_kernel_as_in_a_new_one(tmp_path):
+    source, session = _report_notebook(tmp_path / "nb.ipynb"), KernelSession()
+    try:
+        seen = []
+        for i in range(3):
+            run_notebook(source, tmp_path / f"out{i}.ipynb", {}, kernel=session)
+            seen.append(_report(tmp_path / f"out{i}.ipynb"))
+            counts = [c.execution_count for c in nbformat.read(tmp_path / f"out{i}.ipynb", 4).cells]
+            assert counts == [1, 2]  # the parameters cell, the cell: counted as in a new kernel
+    finally:
+        session.close()
+    assert len({s["pid"] for s in seen}) == 1 and session.kernels == 1  # started once
+    assert not any(s["leftover"] for s in seen)  # each notebook's namespace is new
+    started = [s["started"] for s in seen]
+    assert started[0] is None and float(started[1]) < float(started[2])  # a reused kernel's notebook is timed
+    assert _gone(seen[0]["pid"])  # close() kills it
+
+
+def _gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_kernel_session_replaces_a_kernel_whose_notebook_failed(tmp_path):
+    source, session = _report_notebook(tmp_path / "nb.ipynb"), KernelSession()
+    try:
+        run_notebook(source, tmp_path / "a.ipynb", {}, kernel=session)
+        with pytest.raises(Exception, match="asked to"):
+            run_notebook(source, tmp_path / "b.ipynb", {"fail": True}, kernel=session)
+        failed = _report(tmp_path / "b.ipynb")["pid"]
+        assert _gone(failed)  # not trusted with the next notebook
+        run_notebook(source, tmp_path / "c.ipynb", {}, kernel=session)
+        after = _report(tmp_path / "c.ipynb")
+    finally:
+        session.close()
+    assert after["pid"] != failed and after["started"] is None and session.kernels == 2
+
+
+def test_a_kernel_session_kills_a_kernel_that_never_answers_and_goes_on(tmp_path):
+    stop, pid_file = _stopping_notebook(tmp_path / "stop.ipynb"), tmp_path / "pid"
+    session = KernelSession()
+    try:
+        with pytest.raises(NotebookTimeout, match=r"did not finish within 4 s, so its kernel was killed"):
+            run_notebook(stop, tmp_path / "a.ipynb", {"pid_file": str(pid_file)}, 30, 4, kernel=session)
+        assert _kernel_gone(pid_file)
+        run_notebook(_report_notebook(tmp_path / "nb.ipynb"), tmp_path / "b.ipynb", {}, kernel=session)
+    finally:
+        session.close()
+    assert _report(tmp_path / "b.ipynb")["pid"] != int(pid_file.read_text())
+
+
+def test_ctrl_c_kills_a_kernel_session_s_idle_kernel_and_the_next_notebook_starts_one(tmp_path):
+    source, session = _report_notebook(tmp_path / "nb.ipynb"), KernelSession()
+    try:
+        run_notebook(source, tmp_path / "a.ipynb", {}, kernel=session)
+        first = _report(tmp_path / "a.ipynb")["pid"]
+        assert stop_kernels() == 1  # the idle kernel between two groups is registered too
+        resume_kernels()
+        assert _gone(first)
+        run_notebook(source, tmp_path / "b.ipynb", {}, kernel=session)  # found dead: a new kernel, not an error
+    finally:
+        resume_kernels()
+        session.close()
+    assert _report(tmp_path / "b.ipynb")["pid"] != first

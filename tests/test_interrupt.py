@@ -84,7 +84,7 @@ def test_ctrl_c_stops_the_kernels_at_once_and_the_next_run_resumes(tmp_path):
 _SLOW_GROUP = """
 import sys, time
 from studylib.study import config, grid, runner
-runner.attempt_group = lambda group, ex: time.sleep(60) or []
+runner.attempt_group = lambda group, ex, kernel=None: time.sleep(60) or []
 plan = [r for r in grid.plan(config.load({params!r})) if r.stage == "pretrain"]
 print("started", flush=True)
 runner.execute(plan, {runs!r}, device="cpu", echo=lambda *_: None)
@@ -313,7 +313,7 @@ def test_kernels_get_the_engine_threads_not_the_shell_s(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     seen = {}
 
-    def fake_group(group, ex):  # runs in the pool, where the kernel would start
+    def fake_group(group, ex, kernel=None):  # runs in the worker's thread, where the kernel would start
         seen.update(omp=os.environ["OMP_NUM_THREADS"], mkl=os.environ["MKL_NUM_THREADS"], engine=ex.engine)
         return [(r, "ran", None, 0.0) for r in group.runs]
 

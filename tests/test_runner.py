@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 import yaml
 
 from studylib import cli
@@ -170,3 +171,31 @@ def test_provenance_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
     assert provenance.git_commit(tmp_path) == {"commit": head.stdout.strip(), "dirty": False}
     (tmp_path / "f.txt").write_text("b")
     assert provenance.git_commit(tmp_path)["dirty"] is True
+
+
+def test_reused_kernels_train_every_run_as_new_kernels_do(smoke_store, tmp_path):
+    """The smoke study (its session store: 2 workers, each reusing its kernel) again with a new kernel per group:
+    every run's weights and metrics equal bit for bit; and in the reused kernels each group's notebook is timed
+    from its own start (one start per group, not per kernel)."""
+    from safetensors.torch import load_file
+
+    fresh = tmp_path / "fresh"
+    summary = runner.execute(smoke_store.plan, fresh, device="cpu", workers=2, echo=lambda *_: None,
+                             engine={"reuse_kernels": False})  # fmt: skip
+    assert summary.ok and len(summary.ran) == len(smoke_store.plan)
+    for run in smoke_store.plan:
+        a, b = run.dir(smoke_store.runs), run.dir(fresh)
+        ma, mb = ({k: v for k, v in json.loads((d / "metrics.json").read_text()).items() if k != "train_seconds"}
+                  for d in (a, b))  # fmt: skip
+        assert ma == mb, run.describe()
+        for name in ("encoder.safetensors", "head.safetensors"):
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (run.describe(), name)
+    starts = {}
+    for run in smoke_store.plan:
+        d = run.dir(smoke_store.runs)
+        group = json.loads((d / "group.json").read_text())["group"] if (d / "group.json").exists() else run.id
+        starts[group] = json.loads((d / "provenance.json").read_text())["started"]
+    # each group its own start (the two kernels' first groups may share the moment both kernels started): not one
+    # per kernel, which would count the kernel's earlier groups into a later group's wall time
+    assert len(set(starts.values())) >= len(starts) - 1 > 2

@@ -285,6 +285,9 @@ class EngineConfig:
     # depend on it (float summation order), so every run records what it got in provenance.json
     threads: int = 0
     threads_from_env: bool = False  # true: a shell's OMP_NUM_THREADS wins over `threads` (otherwise ignored)
+    # a local worker's kernel runs its groups one after another (cleared between them, replaced after a failure):
+    # no start-up and imports per group; false: a new kernel for every group
+    reuse_kernels: bool = True
 
     def __post_init__(self):
         check_types(self)

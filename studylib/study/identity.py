@@ -94,6 +94,7 @@ RULES = {
             "deterministic",
             "threads",
             "threads_from_env",
+            "reuse_kernels",
         )
     ),
 }

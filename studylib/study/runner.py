@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from studylib.core.train import progress_enabled
 from studylib.study import execution, store
 from studylib.study.config import EngineConfig, TimeoutConfig, build, device_type, to_dict
-from studylib.study.execution import CELL_TIMEOUT, run_notebook
+from studylib.study.execution import CELL_TIMEOUT, KernelSession, run_notebook
 from studylib.study.grid import NOTEBOOKS, STAGES, Group, Run, image_steps
 from studylib.study.locks import RunLock
 from studylib.study.store import RUNNER_LOCK, RunFolder
@@ -124,9 +124,10 @@ def training_timeout(run: Run | Group, device: str, timeouts: dict | None = None
     return 1800.0 + sum(image_steps(r) for r in members) / rate
 
 
-def execute_group(group: Group, ex: Execution) -> None:
-    """Execute the stage notebook once for the group: in the run folder for a group of one, else in the
-    group's folder, each member pointing at it. Raises when the notebook fails."""
+def execute_group(group: Group, ex: Execution, kernel: KernelSession | None = None) -> None:
+    """Execute the stage notebook once for the group, in a new kernel or in `kernel` (a worker's, reused): in the
+    run folder for a group of one, else in the group's folder, each member pointing at it. Raises when the
+    notebook fails."""
     runs, device, cache, notebooks = ex.runs, ex.device, ex.cache, ex.notebooks
     timeouts, engine = to_dict(ex.timeouts), to_dict(ex.engine)
     for run in group.runs:
@@ -149,6 +150,7 @@ def execute_group(group: Group, ex: Execution) -> None:
             params,  # no cwd=: papermill's chdir is process-wide
             cell_timeout=(timeouts or {}).get("cell") or CELL_TIMEOUT,
             training_timeout=training_timeout(group, device, timeouts),
+            kernel=kernel,
         )
     except BaseException:
         if partial.exists():
@@ -167,10 +169,10 @@ def _record_failure(run: Run, runs: Path, e: Exception) -> str:
     return _last_line(str(e)) or type(e).__name__
 
 
-def attempt_group(group: Group, ex: Execution) -> list[tuple]:
-    """Execute a group under its members' locks -> [(run, status, message, seconds)] with status 'ran',
-    'failed', 'elsewhere' (another runner finished it meanwhile) or 'interrupted' (Ctrl-C killed its
-    kernel: resumable, nothing recorded as failed). Never raises."""
+def attempt_group(group: Group, ex: Execution, kernel: KernelSession | None = None) -> list[tuple]:
+    """Execute a group under its members' locks (in `kernel` when given, else a new kernel) -> [(run, status,
+    message, seconds)] with status 'ran', 'failed', 'elsewhere' (another runner finished it meanwhile) or
+    'interrupted' (Ctrl-C killed its kernel: resumable, nothing recorded as failed). Never raises."""
     os.environ["STUDYLIB_PROGRESS"] = "0"  # kernels inherit this: no bars in executed notebooks
     t0 = time.time()
     with ExitStack() as locks:
@@ -186,7 +188,7 @@ def attempt_group(group: Group, ex: Execution) -> list[tuple]:
             RunFolder.of(r, ex.runs).clear_failure()
         error = None
         try:
-            execute_group(Group(group.stage, todo), ex)
+            execute_group(Group(group.stage, todo), ex, kernel)
         except Exception as e:  # recorded on each unfinished member below, never raised
             error = e
         seconds = (time.time() - t0) / len(todo)
@@ -428,9 +430,32 @@ def _gpu_slots(device: str, workers: int) -> list[str]:
     return [f"cuda:{i % n}" if n > 1 else device for i in range(workers)]
 
 
+@dataclass
+class _Worker:
+    """A local worker: its device, its one thread (a reused kernel's client lives on that thread's event loop)
+    and, with engine.reuse_kernels, the kernel that runs its groups one after another."""
+
+    device: str
+    thread: ThreadPoolExecutor
+    kernel: KernelSession | None
+
+    def submit(self, group: Group, ex: Execution):
+        return self.thread.submit(attempt_group, group, ex.on(self.device), self.kernel)
+
+    def close(self) -> None:
+        if self.kernel is not None:
+            self.thread.submit(self.kernel.close).result()
+        self.thread.shutdown()
+
+
 def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
-    free = _gpu_slots(ex.device, workers)
-    with _kernel_threads(ex.engine.threads), _ctrl_c(book), ThreadPoolExecutor(max_workers=workers) as pool:
+    with _kernel_threads(ex.engine.threads), _ctrl_c(book), ExitStack() as stack:
+        free = []
+        for device in _gpu_slots(ex.device, workers):
+            kernel = KernelSession() if ex.engine.reuse_kernels else None
+            worker = _Worker(device, ThreadPoolExecutor(max_workers=1), kernel)
+            stack.callback(worker.close)
+            free.append(worker)
         running: dict = {}
         while (book.pending and not book.stopped) or running:
             for group in book.startable():
@@ -439,8 +464,8 @@ def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
                     book.pending.remove(group)
                 elif members and free:
                     book.pending.remove(group)
-                    slot = free.pop(0)
-                    running[pool.submit(attempt_group, members, ex.on(slot))] = (members, slot)
+                    worker = free.pop(0)
+                    running[worker.submit(members, ex)] = (members, worker)
             if not running:
                 # parents always come first in a plan from grid.plan: pending groups then cannot all wait
                 if book.pending and not book.stopped:
@@ -450,8 +475,8 @@ def _execute_local(book: _Book, ex: Execution, workers: int) -> None:
                 continue
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                members, slot = running.pop(fut)
-                free.append(slot)
+                members, worker = running.pop(fut)
+                free.append(worker)
                 book.group_done(members, fut.result())
     if book.stopped:
         book.summary.not_started = sum(len(g.runs) for g in book.pending)

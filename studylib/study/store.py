@@ -207,13 +207,16 @@ class RunFolder:
 
 
 def _started(metrics: dict) -> float:
-    """When the work of a finishing run began: its kernel's start in a stage kernel (what the runner timed
-    before: members of a group share it), else the run's own training start."""
+    """When the work of a finishing run began: in a stage kernel, when its notebook began (the kernel's start, or
+    in a reused kernel the moment it was cleared for this notebook: members of a group share it), else the run's
+    own training start."""
     kernel_app = sys.modules.get("ipykernel.kernelapp")
     if kernel_app is not None and kernel_app.IPKernelApp.initialized():  # this process is a kernel
         import psutil
 
-        return psutil.Process().create_time()
+        from studylib.study.execution import NOTEBOOK_STARTED
+
+        return float(os.environ.get(NOTEBOOK_STARTED) or psutil.Process().create_time())
     return time.time() - float(metrics.get("train_seconds") or 0.0)
 
 
