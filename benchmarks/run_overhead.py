@@ -4,10 +4,12 @@ What is not training - kernel start, imports, data loading, evaluation, papermil
 the overhead, given per run.
 
 With --workers and a bench result (`study bench --device cpu --json > rates.json`, run in the same session),
-also the run phase against the bare step: from the first kernel's start to the last one's end (provenance),
+also the run phase against the bare step: from the first group's start to the last one's end (provenance),
 the seconds its image-steps would take at the bench's single-run rate of their stage, over the workers'
 seconds (workers x the run phase). 1.0 would be every worker training at the bare-step rate all the time;
 kernel starts, evaluation, checkpoints and workers idle while runs wait for their parents all count against it.
+Two bare-step rates where the bench has both: `single` (one copy, the other cores idle) and `single-busy` (a
+copy per core at once, as the study's workers run: they share the caches and the memory bandwidth).
 
     python benchmarks/run_overhead.py --runs runs [--json] [--rates rates.json --workers 2]
 """
@@ -58,14 +60,13 @@ def _run(folder: Path):
 
 
 def run_phase(runs: Path, rates: dict, workers: int) -> dict:
-    """The run phase's wall seconds, the image-steps it trained, the seconds they take at the bench's single-run
-    rate per stage (intermediate runs at the segmentation rate: the same encoder step with a smaller head), and
-    that ideal over workers x the wall seconds."""
+    """The run phase's wall seconds, the image-steps it trained, the seconds they take at the bench's bare-step
+    rates per stage (intermediate runs at the segmentation rate: the same encoder step with a smaller head), and
+    that ideal over workers x the wall seconds: against `single` (bare_step_share) and, where the bench has it,
+    `single-busy` (busy_step_share)."""
     from studylib.study.grid import image_steps
 
-    rate = {e["stage"]: e["images_per_s"] for e in rates["entries"] if e["what"] == "single"}
-    rate.setdefault("intermediate", rate["segment"])
-    started, ended, steps, ideal = [], [], 0, 0.0
+    started, ended, steps = [], [], {}
     for stage in ("pretrain", "intermediate", "segment"):
         for d in sorted((runs / stage).glob("*")):
             if not (d / "provenance.json").exists() or not (d / "metrics.json").exists():
@@ -73,17 +74,25 @@ def run_phase(runs: Path, rates: dict, workers: int) -> dict:
             prov = json.loads((d / "provenance.json").read_text())
             started.append(prov["started"])
             ended.append(prov["ended"])
-            n = image_steps(_run(d))
-            steps, ideal = steps + n, ideal + n / rate[stage]
+            steps[stage] = steps.get(stage, 0) + image_steps(_run(d))
     wall = max(ended) - min(started)
-    return {
-        "workers": workers,
-        "run_phase_s": round(wall, 1),
-        "image_steps": steps,
-        "ideal_s": round(ideal, 1),
-        "bare_step_share": round(ideal / (workers * wall), 3),
-        "bench_threads": rates.get("threads"),
-    }
+    out = {"workers": workers, "run_phase_s": round(wall, 1), "image_steps": sum(steps.values())}
+    for what, key in (("single", "bare_step"), ("single-busy", "busy_step")):
+        ideal = _ideal_seconds(steps, rates, what)
+        if ideal is not None:
+            out[f"{key}_ideal_s"] = round(ideal, 1)
+            out[f"{key}_share"] = round(ideal / (workers * wall), 3)
+    out["bench_threads"] = rates.get("threads")
+    return out
+
+
+def _ideal_seconds(steps: dict, rates: dict, what: str) -> float | None:
+    """Seconds the image-steps per stage take at the bench's `what` rate (None: the bench has no such entry)."""
+    rate = {e["stage"]: e["images_per_s"] for e in rates["entries"] if e["what"] == what}
+    if not rate:
+        return None
+    rate.setdefault("intermediate", rate["segment"])
+    return sum(n / rate[stage] for stage, n in steps.items())
 
 
 def main() -> None:
@@ -105,9 +114,14 @@ def main() -> None:
     if phase:
         print(
             f"run phase: {phase['run_phase_s']} s on {phase['workers']} workers, {phase['image_steps']:,} image-steps "
-            f"= {phase['ideal_s']} s at the bench's bare-step rates ({phase['bench_threads']} thread(s)): "
-            f"{phase['bare_step_share']:.0%} of the bare-step rate per worker"
+            f"= {phase['bare_step_ideal_s']} s at the bench's bare-step rates ({phase['bench_threads']} thread(s)): "
+            f"{phase['bare_step_share']:.1%} of the bare-step rate per worker"
         )
+        if "busy_step_share" in phase:
+            print(
+                f"  with every core busy (single-busy): {phase['busy_step_ideal_s']} s, "
+                f"{phase['busy_step_share']:.1%} of the bare-step rate per busy core"
+            )
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 
 from studylib import cli
 from studylib.core.model import model_config
@@ -36,6 +38,8 @@ def test_smoke_bench_measures_every_entry(smoke):
     found = {(e["stage"], e["what"], e["members"]) for e in result["entries"]}
     kinds = [("reference", 1), ("single", 1), ("fused", 1), ("fused", 4)]
     kinds += [("single-bf16", 1)] if result["device_type"] == "cpu" else []  # precision auto's evidence
+    room = result["device_type"] == "cpu" and (os.cpu_count() or 1) // result["threads"] > 1
+    kinds += [("single-busy", 1)] if room else []  # a copy per core at once
     assert found == {(t, w, m) for t in B.TASKS for w, m in kinds}
     mm = result["matmul"]
     assert mm["size"] == 256 and mm["fp32_tflops"] > 0 and mm["bf16_tflops"] > 0
@@ -291,3 +295,18 @@ def test_fused_compiles_in_the_engines_mode(monkeypatch, tmp_path):
 
     monkeypatch.setattr(B, "compile_losses", broken)
     assert B.fused(prepared, cpu, box)["compile_mode"] == "eager"
+
+
+def test_the_busy_step_runs_one_copy_per_core_at_once_and_gives_the_mean_copy_s_rate(tmp_path):
+    data = B._data(tmp_path / "cache", B.SMOKE.batch)
+    B.prepare_jobs("segment", "viny-tiny", torch.device("cpu"), data, tmp_path, 1, B.SMOKE.batch)  # the cache, once
+    out = B.single_busy("segment", "viny-tiny", data, tmp_path, B.SMOKE, copies=2)
+    assert out["copies"] == 2 and len(out["per_copy"]) == 2 and all(r > 0 for r in out["per_copy"])
+    assert out["images_per_s"] == pytest.approx(sum(out["per_copy"]) / 2)
+    assert out["steps"] >= B.SMOKE.min_steps
+
+
+def test_a_busy_copy_that_fails_is_an_error_not_a_hang(tmp_path):
+    data = B._data(tmp_path / "cache", B.SMOKE.batch)
+    with pytest.raises(RuntimeError, match=r"a busy copy failed: .*nope"):
+        B.single_busy("segment", "nope", data, tmp_path, B.SMOKE, copies=2, timeout=120)

@@ -6,6 +6,9 @@ warm-up steps excluded, the device synchronised before each clock read) of
                a host-to-device copy of each batch, `loss.item()` every step, a plain (unfused) AdamW;
     single     one run as this project trains it: the stage's real Job (uint8 images on the device,
                augmentation drawn there), `job_step` compiled as EngineConfig decides, bf16 on a GPU;
+    single-busy  (a CPU with room for two or more copies) the single step timed in as many processes at once as
+               the cores hold at this thread count: the rate per copy with every core busy, as when a study's
+               workers train side by side (they share the caches and the memory bandwidth);
     fused      M runs as one stacked model (studylib.core.fused), batch per member, as a group trains;
 for pre-training (masked image modelling) and segmentation, on synthetic data (no download), and the
 start-up of a Jupyter kernel that imports the stage and plot modules (what every group pays once).
@@ -20,6 +23,8 @@ turns a plan into predicted wall time per stage from them.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import tempfile
@@ -349,6 +354,54 @@ def _precision(device: torch.device, precision: str) -> str:
     return trained_precision(device, precision)
 
 
+# ---------------------------------------------------------------- (b) with every core busy (a CPU)
+
+
+def busy_copies(device: torch.device) -> int:
+    """Copies of the single step that fill this CPU at this process's thread count (1 on a GPU: nothing to fill)."""
+    if device.type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // torch.get_num_threads())
+
+
+def single_busy(task: str, model: str, data: dict, folder: Path, box: Box, copies: int, timeout: float = 600) -> dict:
+    """The single step timed in `copies` spawned processes at once (each with this process's threads, released
+    together once all are prepared) -> images_per_s: the mean copy's rate, per_copy: each one's; steps and seconds
+    of the slowest copy."""
+    ctx = multiprocessing.get_context("spawn")  # not fork: a forked child inherits torch's thread pools
+    start, results = ctx.Barrier(copies), ctx.Queue()
+    args = (task, model, data, str(folder), box, torch.get_num_threads(), start, results)
+    procs = [ctx.Process(target=_busy_copy, args=(*args, i), daemon=True) for i in range(copies)]
+    for proc in procs:
+        proc.start()
+    try:
+        outs = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    failed = [o for o in outs if "error" in o]
+    if failed:
+        raise RuntimeError(f"a busy copy failed: {failed[0]['error']}")
+    rates = [box.batch * o["steps"] / o["seconds"] for o in outs]
+    slowest = max(outs, key=lambda o: o["seconds"])
+    return {**slowest, "images_per_s": sum(rates) / len(rates), "per_copy": rates, "copies": copies}
+
+
+def _busy_copy(task, model, data, folder, box, threads, start, results, i) -> None:
+    """One copy of single_busy (in its own process): prepare its job, wait for the others, time the step."""
+    try:
+        torch.set_num_threads(threads)
+        cpu = torch.device("cpu")
+        prepared = prepare_jobs(task, model, cpu, data, Path(folder) / f"busy-{i}", 1, box.batch)[0]
+        start.wait()
+        results.put(single(prepared, cpu, box))
+    except Exception as e:  # the parent raises it; a copy that dies silently would hang the bench
+        start.abort()
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+
 # ---------------------------------------------------------------- kernel start-up
 
 
@@ -444,6 +497,8 @@ def _measure_task(task: str, model: str, dev: torch.device, data: dict, folder: 
     ]
     if dev.type == "cpu":  # precision auto's evidence: the same step under bf16 autocast (a GPU's single is bf16)
         plans.append(("single-bf16", 1, lambda: single(prepared[0], dev, box, precision=T.BF16_CPU_TOO)))
+    if busy_copies(dev) > 1:
+        plans.append(("single-busy", 1, lambda: single_busy(task, model, data, folder, box, busy_copies(dev))))
     plans += [("fused", m, lambda m=m: fused(prepared[:m], dev, box)) for m in box.members]
     entries: list[dict] = []
     for what, members, measure in plans:
@@ -456,7 +511,7 @@ def _measure_task(task: str, model: str, dev: torch.device, data: dict, folder: 
         finally:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        rate = members * box.batch * out["steps"] / out["seconds"]
+        rate = out.pop("images_per_s", None) or members * box.batch * out["steps"] / out["seconds"]
         ref = entries[0]["images_per_s"] if entries and entries[0]["what"] == "reference" else None
         entries.append(
             {
