@@ -118,7 +118,7 @@ def tiny_plan(model: str = "viny-tiny") -> list[Run]:
 
 
 def test_estimate_equals_a_hand_count():
-    engine = {"group_size": 4, "fuse": "on"}
+    engine = {"group_size": 4, "fuse": "on", "reuse_kernels": False}  # a new kernel for every group
     df = E.estimate(tiny_plan(), made_up_rates(), engine, workers=1).set_index("stage")
     # pretrain: a group of one trains alone at the single rate: 320 image-steps / 100, its 2 s warm-up,
     # 64 evaluated images at a third of the rate, one kernel
@@ -135,6 +135,12 @@ def test_estimate_equals_a_hand_count():
     # two workers start the segment stage's two kernels at once
     two = E.estimate(tiny_plan(), made_up_rates(), engine, workers=2).set_index("stage")
     assert two.loc["segment", "seconds"] == pytest.approx(segment - 10.0)
+    # workers that keep their kernels start them once, with the first stage's groups
+    reused = E.estimate(tiny_plan(), made_up_rates(), {**engine, "reuse_kernels": True}, workers=2).set_index("stage")
+    assert list(reused["startup_s"]) == [10.0, 0.0, 0.0, 10.0]
+    assert reused.loc["all", "seconds"] == pytest.approx(pretrain + segment - 2 * 10.0)
+    slurm = E.estimate(tiny_plan(), made_up_rates(), {**engine, "reuse_kernels": True}, 2, "slurm")
+    assert slurm.set_index("stage").loc["segment", "startup_s"] == 10.0  # a cluster job is a new kernel
 
 
 def test_estimate_unfused_and_of_another_model():

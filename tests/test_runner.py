@@ -191,11 +191,41 @@ def test_reused_kernels_train_every_run_as_new_kernels_do(smoke_store, tmp_path)
         for name in ("encoder.safetensors", "head.safetensors"):
             ta, tb = load_file(a / name), load_file(b / name)
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (run.describe(), name)
-    starts = {}
+    starts, kernels = {}, {"reused": set(), "fresh": set()}
     for run in smoke_store.plan:
         d = run.dir(smoke_store.runs)
         group = json.loads((d / "group.json").read_text())["group"] if (d / "group.json").exists() else run.id
-        starts[group] = json.loads((d / "provenance.json").read_text())["started"]
+        prov = json.loads((d / "provenance.json").read_text())
+        starts[group] = prov["started"]
+        kernels["reused"].add(prov["kernel"])
+        kernels["fresh"].add(json.loads((run.dir(fresh) / "provenance.json").read_text())["kernel"])
+    assert kernels == {"reused": {"new", "reused"}, "fresh": {"new"}}  # each run says which it ran in
     # each group its own start (the two kernels' first groups may share the moment both kernels started): not one
     # per kernel, which would count the kernel's earlier groups into a later group's wall time
     assert len(set(starts.values())) >= len(starts) - 1 > 2
+
+
+def test_the_synthetic_data_is_written_once_before_any_kernel_starts(tmp_path, monkeypatch):
+    """Two workers' first groups would each generate the same data at once (one copy kept): the runner writes it
+    first, where the kernels look for it."""
+    from studylib.data import sources
+
+    written, seen = [], []
+    real = sources.write_synthetic
+
+    def write(root, spec):  # counts the calls that generate (a finished root is returned as is)
+        if not (Path(root) / "SYNTH.json").exists():
+            written.append(root)
+        return real(root, spec)
+
+    monkeypatch.setattr(sources, "write_synthetic", write)
+
+    def fake_group(group, ex, kernel=None):  # where a kernel would start: the data must be there
+        seen.append((len(written), sources.resolve_data({**group.runs[0].params["data"], "cache": ex.cache})))
+        return [(r, "ran", None, 0.0) for r in group.runs]
+
+    monkeypatch.setattr(runner, "attempt_group", fake_group)
+    plan = grid.plan(config.load(_params(tmp_path)))
+    assert runner.execute(plan, tmp_path / "runs", device="cpu", workers=2, echo=lambda *_: None).ok
+    assert len(written) == 1 and seen and all(n == 1 for n, _ in seen)  # written once, before the first group
+    assert all((paths.pets / "annotations").is_dir() for _, paths in seen)

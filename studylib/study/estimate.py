@@ -113,7 +113,8 @@ def estimate(
 ):
     """Predicted wall seconds per stage and in all, for the runs of `plan` (pass only those left to do), from
     one device's bench result `rates`. The runs go in the groups the runner makes (grid.schedule: the same
-    group size, spread over the workers and image-step cap); each group pays one kernel start-up; training
+    group size, spread over the workers and image-step cap); each group pays one kernel start-up, or, where
+    local workers reuse their kernels (engine.reuse_kernels), the study pays one; training
     is the image-steps at the measured steady-state rate for the group's size (fused when engine.fused on
     this device, interpolated between the measured sizes; else the single-run rate, run after run); plus the
     measured warm-up excess (compiles) and an evaluation per run at a third of the single training rate per
@@ -131,6 +132,8 @@ def estimate(
     engine = engine if isinstance(engine, EngineConfig) else build(EngineConfig, engine or {}, "engine")
     device = rates["device_type"]
     fuse, scheduled = engine.fused(device), fitted_schedule(plan, engine, device, workers, executor, memory)
+    # local workers that keep their kernels start them once, together, with the first groups
+    reused, started = engine.reuse_kernels and executor == "local", False
     rows = []
     for stage in STAGES:
         gs = [g for g in scheduled if g.stage == stage]
@@ -138,8 +141,10 @@ def estimate(
         row = {"stage": stage, "runs": sum(len(g.runs) for g in gs), "groups": len(gs)}
         for key in ("image_steps", "train_s", "setup_s", "finish_s"):
             row[key] = sum(p[key] for p in parts)
+        starts = (1 if gs and not started else 0) if reused else math.ceil(len(gs) / max(1, workers))
+        started = started or bool(gs)
         # a bench on a machine without Jupyter has no start-up figure: its groups then start for free here
-        row["startup_s"] = math.ceil(len(gs) / max(1, workers)) * (rates["kernel_startup_s"] or 0.0)
+        row["startup_s"] = starts * (rates["kernel_startup_s"] or 0.0)
         rows.append(row)
     df = pd.DataFrame(rows)
     df.loc[len(df)] = {"stage": "all", **df.drop(columns="stage").sum().to_dict()}

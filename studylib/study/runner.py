@@ -10,6 +10,7 @@ first (store.tidy).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -352,6 +353,7 @@ def execute(
         dataclasses.replace(eng, threads=threads, threads_from_env=False),
     )
     book = _Book(plan, ex, echo, workers, executor)
+    prepare_data([r for g in book.pending for r in g.runs], ex.cache)
     if executor == "local":
         if book.pending:
             echo(threads_line(eng, workers))
@@ -360,6 +362,16 @@ def execute(
         _execute_submitit(book, ex, executor, cluster or {})
     book.bar.close()
     return book.summary
+
+
+def prepare_data(runs: list[Run], cache: str) -> None:
+    """Write the runs' synthetic data sets into the cache once, here, before any kernel starts: the first group of
+    every worker would otherwise generate the same data at once (one copy kept). Real data: nothing to do."""
+    from studylib.data.sources import resolve_data
+
+    synthetic = [r.params["data"] for r in runs if r.params["data"].get("kind", "synthetic") == "synthetic"]
+    for section in sorted({json.dumps(d, sort_keys=True) for d in synthetic}):
+        resolve_data({**json.loads(section), "cache": cache})
 
 
 def threads_line(eng: EngineConfig, workers: int, environ=None) -> str:

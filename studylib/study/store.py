@@ -168,7 +168,7 @@ class RunFolder:
         save_encoder(self.path / "encoder.safetensors", task.encoder, meta)
         head = {k: v.detach().cpu().contiguous() for k, v in task.state_dict().items() if not k.startswith("encoder.")}
         atomic_write_bytes(self.path / "head.safetensors", save(head))
-        self.write_provenance(metrics, _started(metrics), time.time())
+        self.write_provenance(metrics, _started(metrics), time.time(), **_kernel())
         atomic_write_json(self.path / "metrics.json", metrics)
         (self.path / CHECKPOINT).unlink(missing_ok=True)
 
@@ -206,12 +206,26 @@ class RunFolder:
         return model.eval()
 
 
+def _in_kernel() -> bool:
+    kernel_app = sys.modules.get("ipykernel.kernelapp")
+    return kernel_app is not None and kernel_app.IPKernelApp.initialized()
+
+
+def _kernel() -> dict:
+    """{'kernel': 'new' | 'reused'} in a stage kernel (reused: it ran another notebook before this run's, see
+    execution.KernelSession), else nothing."""
+    if not _in_kernel():
+        return {}
+    from studylib.study.execution import NOTEBOOK_STARTED
+
+    return {"kernel": "reused" if os.environ.get(NOTEBOOK_STARTED) else "new"}
+
+
 def _started(metrics: dict) -> float:
     """When the work of a finishing run began: in a stage kernel, when its notebook began (the kernel's start, or
     in a reused kernel the moment it was cleared for this notebook: members of a group share it), else the run's
     own training start."""
-    kernel_app = sys.modules.get("ipykernel.kernelapp")
-    if kernel_app is not None and kernel_app.IPKernelApp.initialized():  # this process is a kernel
+    if _in_kernel():
         import psutil
 
         from studylib.study.execution import NOTEBOOK_STARTED
