@@ -11,7 +11,10 @@ kernel starts, evaluation, checkpoints and workers idle while runs wait for thei
 Two bare-step rates where the bench has both: `single` (one copy, the other cores idle) and `single-busy` (a
 copy per core at once, as the study's workers run: they share the caches and the memory bandwidth).
 
-    python benchmarks/run_overhead.py --runs runs [--json] [--rates rates.json --workers 2]
+    python benchmarks/run_overhead.py --runs runs [--json] [--rates before.json [after.json] --workers 2]
+
+A shared machine's speed drifts (on the 2-core development machine two benches 20 minutes apart differed by 8%):
+give a bench from before and one from after the run; their rates are averaged, and the drift is printed.
 """
 
 from __future__ import annotations
@@ -95,15 +98,33 @@ def _ideal_seconds(steps: dict, rates: dict, what: str) -> float | None:
     return sum(n / rate[stage] for stage, n in steps.items())
 
 
+def mean_rates(results: list[dict]) -> dict:
+    """One bench result whose single and single-busy rates are the mean of `results`' (those every result has),
+    with `drift`: the largest relative spread of one of them across the results."""
+    rates = [{(e["stage"], e["what"]): e["images_per_s"] for e in r["entries"] if e["what"] in USED} for r in results]
+    shared = [k for k in rates[0] if all(k in r for r in rates)]
+    entries = [{"stage": k[0], "what": k[1], "images_per_s": sum(r[k] for r in rates) / len(rates)} for k in shared]
+    drift = max((max(r[k] for r in rates) / min(r[k] for r in rates) - 1 for k in shared), default=0.0)
+    return {"threads": results[0].get("threads"), "entries": entries, "benches": len(results), "drift": drift}
+
+
+USED = ("single", "single-busy")  # the bench entries a run phase is compared with
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--rates", help="a `study bench --json` result of this machine, measured in the same session")
+    ap.add_argument(
+        "--rates", nargs="+", help="`study bench --json` results of this machine, from before and after the run"
+    )
     ap.add_argument("--workers", type=int, default=2, help="the study's workers (with --rates)")
     args = ap.parse_args()
     rows = [r for s in ("pretrain", "intermediate", "segment") if (r := stage_overhead(Path(args.runs), s))]
-    phase = run_phase(Path(args.runs), json.loads(Path(args.rates).read_text()), args.workers) if args.rates else None
+    rates = mean_rates([json.loads(Path(f).read_text()) for f in args.rates]) if args.rates else None
+    phase = run_phase(Path(args.runs), rates, args.workers) if rates else None
+    if phase:
+        phase.update(benches=rates["benches"], bench_drift=round(rates["drift"], 3))
     if args.json:
         print(json.dumps({"stages": rows, "run_phase": phase} if phase else rows, indent=1))
         return
@@ -117,6 +138,11 @@ def main() -> None:
             f"= {phase['bare_step_ideal_s']} s at the bench's bare-step rates ({phase['bench_threads']} thread(s)): "
             f"{phase['bare_step_share']:.1%} of the bare-step rate per worker"
         )
+        if phase["benches"] > 1:
+            print(
+                f"  (rates: the mean of {phase['benches']} benches; one rate moved by up to {phase['bench_drift']:.1%} "
+                "between them)"
+            )
         if "busy_step_share" in phase:
             print(
                 f"  with every core busy (single-busy): {phase['busy_step_ideal_s']} s, "

@@ -316,3 +316,23 @@ def test_a_busy_copy_that_fails_is_an_error_not_a_hang(tmp_path):
     data = B._data(tmp_path / "cache", B.SMOKE.batch)
     with pytest.raises(RuntimeError, match=r"a busy copy failed: .*nope"):
         B.single_busy("segment", "nope", data, tmp_path, B.SMOKE, copies=2, timeout=120)
+
+
+def test_run_overhead_averages_the_benches_before_and_after_a_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_overhead", ROOT / "benchmarks" / "run_overhead.py")
+    ro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ro)
+
+    def result(single, busy):
+        entries = [{"stage": "segment", "what": "single", "members": 1, "images_per_s": single}]
+        entries += [{"stage": "segment", "what": "single-busy", "members": 1, "images_per_s": busy}]
+        entries += [{"stage": "segment", "what": "fused", "members": 16, "images_per_s": 1.0}]  # not used
+        return {"threads": 1, "entries": entries}
+
+    mean = ro.mean_rates([result(400.0, 380.0), result(500.0, 380.0)])
+    rates = {e["what"]: e["images_per_s"] for e in mean["entries"]}
+    assert rates == {"single": 450.0, "single-busy": 380.0} and mean["benches"] == 2
+    assert mean["drift"] == pytest.approx(0.25)  # 500 / 400 - 1: the unused fused entry does not count
+    assert ro._ideal_seconds({"segment": 900, "intermediate": 450}, mean, "single") == pytest.approx(3.0)
