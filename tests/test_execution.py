@@ -168,3 +168,26 @@ def test_ctrl_c_kills_a_kernel_session_s_idle_kernel_and_the_next_notebook_start
         resume_kernels()
         session.close()
     assert _report(tmp_path / "b.ipynb")["pid"] != first
+
+
+def test_a_reused_kernel_compiles_as_a_new_one(tmp_path):
+    """torch.compile's caches are dropped between notebooks: a long-lived kernel compiling one group after another
+    (the same code, new closures) would otherwise reach the recompile limit and fall back to eager."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    code = (
+        "import torch, torch._dynamo.convert_frame as cf\n"
+        "torch.compile(lambda x: x + 1, backend='eager')(torch.ones(2))\n"
+        "print(cf.FRAME_COUNTER)  # frames dynamo has compiled in this process"
+    )
+    nb.cells = [nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    session, seen = KernelSession(), []
+    try:
+        for i in range(2):
+            run_notebook(tmp_path / "nb.ipynb", tmp_path / f"out{i}.ipynb", {}, kernel=session)
+            cell = nbformat.read(tmp_path / f"out{i}.ipynb", as_version=4).cells[0]
+            seen.append(int(next(o["text"] for o in cell.outputs if o.get("name") == "stdout")))
+    finally:
+        session.close()
+    assert seen[0] == seen[1] >= 1  # counted from zero again, as in a new kernel
