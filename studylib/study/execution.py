@@ -196,7 +196,6 @@ class KernelSession:
         self.folder = Path(tempfile.mkdtemp(prefix="studylib-kernel-"))
         self.manager = _ipc_kernel_manager(self.folder)
         self.km = None
-        self.notebooks = 0  # executed by the live kernel
         self.kernels = 0  # started so far
 
     def run(self, source, out, parameters, cell_timeout, training_timeout, start_timeout) -> None:
@@ -207,12 +206,11 @@ class KernelSession:
         ok = False
         try:
             if self.km is None:
-                self.km, self.notebooks = self.manager(kernel_name="python3"), 0
+                self.km = self.manager(kernel_name="python3")
                 self.kernels += 1  # nbclient starts it with the notebook
             else:
                 self._fresh(cell_timeout)
             _execute(source, out, parameters, cell_timeout, training_timeout, start_timeout, km=self.km)
-            self.notebooks += 1
             ok = True
         finally:
             self._close_clients()
