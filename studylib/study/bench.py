@@ -11,7 +11,8 @@ warm-up steps excluded, the device synchronised before each clock read) of
                workers train side by side (they share the caches and the memory bandwidth);
     fused      M runs as one stacked model (studylib.core.fused), batch per member, as a group trains;
 for pre-training (masked image modelling) and segmentation, on synthetic data (no download), and the
-start-up of a Jupyter kernel that imports the stage and plot modules (what every group pays once).
+start-up of a Jupyter kernel that imports the stage and plot modules (what every local worker pays once, every
+group on a cluster or with engine.reuse_kernels off).
 On a CPU `single` is measured under bf16 autocast too (single-bf16): the evidence `precision: auto` decides
 by, per model, CPU, kernel ISA and threads (precision_record, precision_pick). Each entry's achieved FLOP/s
 is given as a share of a square matmul's rate on the device (fp32, and bf16 where the entry trained in bf16).

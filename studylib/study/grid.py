@@ -157,7 +157,8 @@ def groups(runs: list[Run], size: int, spread: int = 1, max_steps: int = 0) -> l
     Fused (max_steps 0): runs of equal shape (shape_key), at most `size` per group, split evenly.
     Sequential (max_steps > 0: members run one after another, so only kernel starts are shared): runs of
     equal wait_key packed into as few balanced groups as hold at most max_steps image-steps and `size` runs each
-    (a kernel start, seconds, is paid per group, not per run; a longer run is a group of its own), then each stage
+    (what a group shares is paid per group, not per run: its notebook, and a kernel start or clearing; a longer run
+    is a group of its own), then each stage
     split into at least `spread` groups where it can (that many workers stay busy)."""
     if max_steps <= 0:
         return _by_order(_fused_groups(runs, size))
@@ -222,7 +223,8 @@ def _by_order(gs: list[Group]) -> list[Group]:
 
 
 # A sequential group holds at most this many image-steps (about 2.5 min of viny-tiny on one CPU core):
-# a kernel start (~8 s) matters for short runs only, and one worker must not queue all the long ones.
+# what a group pays once (its notebook, and a new kernel's start, ~3 s, or a reused one's clearing, ~0.65 s)
+# matters for short runs only, and one worker must not queue all the long ones.
 SEQUENTIAL_GROUP_STEPS = 30_000
 
 

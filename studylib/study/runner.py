@@ -329,13 +329,13 @@ def execute(
     timeouts: dict | None = None,
     engine: dict | None = None,
 ) -> Summary:
-    """Run every unfinished run of the plan, each after its parent, in the groups of grid.schedule (one
-    kernel per group). `executor`: 'local' (up to `workers` groups at once on this machine, spread over
-    the visible GPUs), 'slurm' (a submitit job array per stage; `cluster` holds submitit parameters such as
-    slurm_partition, gpus_per_node, timeout_min) or 'submitit-local' (the same path through submitit's local
-    executor, for testing). `timeouts`: {'cell': s, 'training': s} (0 or missing: the defaults, see
-    training_timeout); a run past its limit is recorded failed. Raises store.StoreError before anything
-    runs when the store is not writable."""
+    """Run every unfinished run of the plan, each after its parent, in the groups of grid.schedule (one notebook
+    per group; a local worker runs its groups in one kernel, see engine.reuse_kernels). `executor`: 'local' (up
+    to `workers` groups at once on this machine, spread over the visible GPUs), 'slurm' (a submitit job array per
+    stage; `cluster` holds submitit parameters such as slurm_partition, gpus_per_node, timeout_min) or
+    'submitit-local' (the same path through submitit's local executor, for testing). `timeouts`: {'cell': s,
+    'training': s} (0 or missing: the defaults, see training_timeout); a run past its limit is recorded failed.
+    Raises store.StoreError before anything runs when the store is not writable."""
     if executor not in ("local", "slurm", "submitit-local"):
         raise ValueError(f"unknown executor {executor!r}; valid: local, slurm, submitit-local")
     runs = Path(runs).resolve()
